@@ -1,0 +1,692 @@
+"""EpisodeStore: the perception node's persistent episodic store.
+
+One SQLite database (WAL, synchronous=FULL) holds the episodes and the episodic memory state
+that their writes produced, committed together, so a SIGKILL at any moment leaves a readable
+store in which memory and episodes agree. Pure Python/numpy/sqlite3: no ROS, no torch.
+
+Layout of ``<directory>/episodes.sqlite3``:
+
+- ``meta(key, value)``: ``schema_version``, ``embedding_dim``, ``identity`` (the model/config
+  identity string of the writer; opening with another one is refused).
+- ``episodes(id, stamp_ns, caption, source, embedding, thumbnail)``: ``embedding`` is ``dim``
+  little-endian float32, ``thumbnail`` JPEG bytes (or empty). Ids come from AUTOINCREMENT, so they
+  grow monotonically and are never reused, not even after ``clear()``.
+- ``memory_state(name, dtype, shape, data)``: named tensors (``M``, ``usage``, ``n_writes``, ...)
+  as raw little-endian bytes. It is replaced as a whole, in the same transaction as the episode
+  whose write produced it.
+
+Concurrency: one ``sqlite3`` connection guarded by one re-entrant lock; every public method takes
+it, so one writer thread and any number of reader threads (e.g. a ROS service thread) may share an
+``EpisodeStore``. Queries are brute force over an in-RAM float32 matrix of unit-normalised
+embeddings that is appended to only after a commit returns, so it never holds an uncommitted
+episode and a failed write leaves it untouched. Only one process should write a store at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+DB_FILENAME = "episodes.sqlite3"
+
+MAX_EMBEDDING_DIM = 8192
+MAX_IDENTITY_BYTES = 4096
+MAX_CAPTION_BYTES = 8192
+MAX_SOURCE_CHARS = 32
+MAX_THUMBNAIL_BYTES = 512 * 1024
+MAX_K = 1000
+MAX_STAMP_NS = 2**63 - 1
+MAX_STATE_TENSORS = 64
+MAX_STATE_NAME_CHARS = 64
+MAX_STATE_BYTES = 256 * 1024 * 1024
+BUSY_TIMEOUT_MS = 5000
+
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_STATE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# Tensor dtypes the memory state may hold; stored little-endian under these names.
+_STATE_DTYPES = {
+    np.dtype(t).name: np.dtype(t).newbyteorder("<")
+    for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+              np.uint64, np.float16, np.float32, np.float64)
+}
+_F32_LE = np.dtype("<f4")
+
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE episodes ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " stamp_ns INTEGER NOT NULL CHECK (stamp_ns >= 0),"
+    " caption TEXT NOT NULL,"
+    " source TEXT NOT NULL,"
+    " embedding BLOB NOT NULL,"  # before the thumbnail: loading the index skips overflow pages
+    " thumbnail BLOB NOT NULL)",
+    "CREATE INDEX episodes_stamp ON episodes (stamp_ns)",
+    "CREATE TABLE memory_state ("
+    " name TEXT PRIMARY KEY, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL)",
+)
+_TABLES = {"meta", "episodes", "memory_state"}
+
+
+class StoreError(Exception):
+    """Base class of every error the store raises."""
+
+
+class StoreInputError(StoreError, ValueError):
+    """An argument is invalid; the message names it and what was expected."""
+
+
+class StoreNotFoundError(StoreError):
+    """``open(..., create=False)`` found no store."""
+
+
+class StoreCorruptError(StoreError):
+    """The file is not a readable EpisodeStore (garbled, foreign schema, bad blobs)."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written with another schema version."""
+
+
+class StoreMismatchError(StoreError):
+    """The store belongs to another embedding dimension or model identity."""
+
+
+class StoreWriteError(StoreError):
+    """A write failed (disk full, I/O error); nothing of that call was stored."""
+
+
+class StoreClosedError(StoreError):
+    """The store was used after ``close()``."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One stored episode; ``embedding`` is float32 ``(dim,)`` exactly as written."""
+
+    id: int
+    stamp_ns: int
+    caption: str
+    source: str
+    embedding: np.ndarray
+    thumbnail_jpeg: bytes
+
+
+def make_thumbnail(rgb: np.ndarray, max_side: int = 96, quality: int = 80) -> bytes:
+    """JPEG bytes of an ``(H, W, 3)`` uint8 RGB image shrunk so that its longer side ≤ max_side."""
+    import cv2  # only this helper needs OpenCV
+
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise StoreInputError(f"rgb: expected a (H, W, 3) uint8 array, got {_describe(rgb)}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise StoreInputError(f"rgb: expected a non-empty image, got shape {rgb.shape}")
+    if not _is_int(max_side) or not 1 <= max_side <= 4096:
+        raise StoreInputError(f"max_side: expected an int in [1, 4096], got {max_side!r}")
+    if not _is_int(quality) or not 1 <= quality <= 100:
+        raise StoreInputError(f"quality: expected an int in [1, 100], got {quality!r}")
+    h, w = rgb.shape[:2]
+    scale = min(1.0, max_side / max(h, w))  # never upscale
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    if size != (w, h):
+        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise StoreError("make_thumbnail: OpenCV failed to encode the JPEG")
+    return buf.tobytes()
+
+
+class _EmbeddingIndex:
+    """Unit-normalised embeddings, ids and stamps of every committed episode, in id order."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.n = 0
+        self.unit = np.zeros((0, dim), np.float32)
+        self.ids = np.zeros(0, np.int64)
+        self.stamps = np.zeros(0, np.int64)
+
+    def reserve(self, extra: int) -> None:
+        # Grown before a transaction so that recording a committed episode cannot fail.
+        need = self.n + extra
+        if need <= len(self.ids):
+            return
+        cap = max(need, 2 * len(self.ids), 64)
+        unit = np.zeros((cap, self.dim), np.float32)
+        ids = np.zeros(cap, np.int64)
+        stamps = np.zeros(cap, np.int64)
+        unit[: self.n], ids[: self.n], stamps[: self.n] = self.unit[: self.n], self.ids[: self.n], self.stamps[: self.n]
+        self.unit, self.ids, self.stamps = unit, ids, stamps
+
+    def append(self, episode_id: int, stamp_ns: int, unit: np.ndarray) -> None:
+        self.unit[self.n], self.ids[self.n], self.stamps[self.n] = unit, episode_id, stamp_ns
+        self.n += 1
+
+    def reset(self) -> None:
+        self.__init__(self.dim)
+
+
+class EpisodeStore:
+    """Persistent episodes + episodic memory state; see the module docstring for the layout."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, embedding_dim: int, identity: str) -> None:
+        """Use ``EpisodeStore.open``."""
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.RLock()
+        self.path = path
+        self.embedding_dim = embedding_dim
+        self.identity = identity
+        self._index = _EmbeddingIndex(embedding_dim)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, directory: str | os.PathLike, embedding_dim: int, identity: str,
+             create: bool = True) -> "EpisodeStore":
+        """Open the store under ``directory``, creating it (dir 0o700, files 0o600) if allowed.
+
+        An existing file that is not a valid store of this schema version, embedding dimension
+        and identity raises a ``StoreError`` subclass and is left byte-for-byte untouched.
+        """
+        if not _is_int(embedding_dim) or not 1 <= embedding_dim <= MAX_EMBEDDING_DIM:
+            raise StoreInputError(
+                f"embedding_dim: expected an int in [1, {MAX_EMBEDDING_DIM}], got {embedding_dim!r}")
+        _check_text("identity", identity, MAX_IDENTITY_BYTES, allow_empty=False)
+        directory = Path(directory)
+        path = directory / DB_FILENAME
+        # An empty file or a database without tables holds nothing to lose: a process killed
+        # while creating the store leaves one of those, and it is initialised like a new store.
+        if not path.exists() or path.stat().st_size == 0 or \
+                not cls._validate_existing(path, int(embedding_dim), identity):
+            if not create:
+                raise StoreNotFoundError(f"no episode store at {path} (open with create=True to make one)")
+            return cls._create(directory, path, int(embedding_dim), identity)
+        conn = cls._connect(path)
+        store = cls(conn, path, int(embedding_dim), identity)
+        try:
+            store._load_index()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def _create(cls, directory: Path, path: Path, dim: int, identity: str) -> "EpisodeStore":
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        elif not directory.is_dir():
+            raise StoreInputError(f"directory: expected a directory, {directory} is not one")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        except OSError as e:
+            raise StoreWriteError(f"cannot create {path}: {e}") from e
+        try:
+            os.fchmod(fd, 0o600)  # SQLite gives -wal/-shm the database file's mode
+        finally:
+            os.close(fd)
+        conn = cls._connect(path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] != 0:
+                # Another process initialised it between our check and now: validate instead.
+                conn.execute("ROLLBACK")
+                conn.close()
+                if not cls._validate_existing(path, dim, identity):
+                    raise StoreCorruptError(f"{path}: has tables, yet shows none to a reader")
+                conn = cls._connect(path)
+            else:
+                for sql in _SCHEMA:
+                    conn.execute(sql)
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("embedding_dim", str(dim)),
+                    ("identity", identity),
+                ])
+                conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            conn.close()
+            raise StoreWriteError(f"cannot initialise the episode store at {path}: {e}") from e
+        store = cls(conn, path, dim, identity)
+        store._load_index()
+        return store
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {path} read-write: {e}") from e
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {mode!r})")
+            conn.execute("PRAGMA synchronous = FULL")  # a returned COMMIT survives power loss
+        except BaseException as e:
+            conn.close()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot open {path} read-write (is it writable?): {e}") from e
+            raise
+        return conn
+
+    @staticmethod
+    def _validate_existing(path: Path, dim: int, identity: str) -> bool:
+        """True if ``path`` is a valid store for (dim, identity), False if it has no tables yet."""
+        # Read-only connection: nothing here can write, checkpoint or "repair" the file.
+        uri = f"file:{urllib.parse.quote(path.resolve().as_posix())}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreCorruptError(f"{path}: cannot open as SQLite database: {e}") from e
+        try:
+            objects = conn.execute("SELECT type, name FROM sqlite_master").fetchall()
+            if not objects:
+                return False
+            tables = {name for kind, name in objects if kind == "table"}
+            if not _TABLES <= tables:
+                raise StoreCorruptError(
+                    f"{path}: not an episode store (expected tables {sorted(_TABLES)}, found {sorted(tables)})")
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as e:
+            raise StoreCorruptError(f"{path}: not a readable SQLite database ({e}); left untouched") from e
+        finally:
+            conn.close()
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise StoreVersionError(
+                f"{path}: schema_version is {meta.get('schema_version')!r}, this code reads {SCHEMA_VERSION}; "
+                "left untouched (migrate or choose another directory)")
+        if meta.get("embedding_dim") != str(dim):
+            raise StoreMismatchError(
+                f"{path}: stores embedding_dim {meta.get('embedding_dim')!r}, opened with {dim}; left untouched")
+        if meta.get("identity") != identity:
+            raise StoreMismatchError(
+                f"{path}: written by model identity {meta.get('identity')!r}, opened with {identity!r}; "
+                "left untouched (use another directory or the matching model)")
+        return True
+
+    def _load_index(self) -> None:
+        with self._lock:
+            conn = self._require_open()
+            index = _EmbeddingIndex(self.embedding_dim)
+            try:
+                rows = conn.execute("SELECT id, stamp_ns, embedding FROM episodes ORDER BY id").fetchall()
+            except sqlite3.DatabaseError as e:
+                raise StoreCorruptError(f"{self.path}: episodes unreadable: {e}") from e
+            index.reserve(len(rows))
+            for episode_id, stamp_ns, blob in rows:
+                emb = self._decode_embedding(episode_id, blob)
+                norm = float(np.linalg.norm(emb))
+                if not np.isfinite(emb).all() or norm == 0.0:
+                    raise StoreCorruptError(f"{self.path}: episode {episode_id} has a non-finite or zero embedding")
+                index.append(episode_id, stamp_ns, emb / norm)
+            self._index = index
+
+    # ------------------------------------------------------------------ writing
+    def add_episode(self, stamp_ns: int, caption: str, source: str, embedding: np.ndarray,
+                    thumbnail_jpeg: bytes = b"",
+                    memory_state: dict[str, np.ndarray] | None = None) -> int:
+        """Store one episode, and the memory state its write produced, in one transaction.
+
+        Returns the new episode id. Raises ``StoreInputError`` for bad arguments and
+        ``StoreWriteError`` if the write fails (then nothing of this call is stored).
+        """
+        _check_stamp("stamp_ns", stamp_ns)
+        _check_text("caption", caption, MAX_CAPTION_BYTES, allow_empty=True)
+        if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(source):
+            raise StoreInputError(
+                f"source: expected a lowercase identifier of ≤ {MAX_SOURCE_CHARS} chars such as "
+                f"'caption' or 'description', got {source!r}")
+        emb, unit = self._check_embedding("embedding", embedding)
+        thumb = _check_thumbnail(thumbnail_jpeg)
+        state_rows = _encode_state(memory_state) if memory_state is not None else None
+
+        with self._lock:
+            conn = self._require_open()
+            self._index.reserve(1)
+
+            def write() -> int:
+                cur = conn.execute(
+                    "INSERT INTO episodes (stamp_ns, caption, source, embedding, thumbnail) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (int(stamp_ns), caption, source, emb.tobytes(), thumb))
+                if state_rows is not None:
+                    self._replace_state(conn, state_rows)
+                return int(cur.lastrowid)
+
+            episode_id = self._transaction("add_episode", write)
+            self._index.append(episode_id, int(stamp_ns), unit)
+            return episode_id
+
+    def put_memory_state(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the whole stored memory state (one transaction)."""
+        rows = _encode_state(state)
+        with self._lock:
+            conn = self._require_open()
+            self._transaction("put_memory_state", lambda: self._replace_state(conn, rows))
+
+    def clear(self) -> None:
+        """Delete every episode and the memory state in one transaction (ids are not reused)."""
+        with self._lock:
+            conn = self._require_open()
+
+            def write() -> None:
+                conn.execute("DELETE FROM episodes")
+                conn.execute("DELETE FROM memory_state")
+
+            self._transaction("clear", write)
+            self._index.reset()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it (the "save memory" service)."""
+        with self._lock:
+            conn = self._require_open()
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as e:
+                raise StoreWriteError(f"checkpoint of {self.path} failed: {e}") from e
+            if busy:
+                raise StoreWriteError(f"checkpoint of {self.path} incomplete: another connection is reading")
+
+    def close(self) -> None:
+        """Close the database (idempotent); later calls raise ``StoreClosedError``."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "EpisodeStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+    def count(self) -> int:
+        """Number of stored episodes."""
+        with self._lock:
+            self._require_open()
+            return self._index.n
+
+    def episode(self, episode_id: int) -> Episode:
+        """The episode with this id; ``KeyError`` if there is none."""
+        if not _is_int(episode_id):
+            raise StoreInputError(f"episode_id: expected an int, got {episode_id!r}")
+        found = self._fetch([int(episode_id)])
+        if not found:
+            raise KeyError(f"episode_id {episode_id} not in the store")
+        return found[int(episode_id)]
+
+    def all_episodes(self) -> list[Episode]:
+        """Every episode, oldest id first."""
+        with self._lock:
+            conn = self._require_open()
+            rows = self._read(lambda: conn.execute(
+                "SELECT id, stamp_ns, caption, source, embedding, thumbnail FROM episodes ORDER BY id").fetchall())
+            return [self._row_to_episode(r) for r in rows]
+
+    def memory_state(self) -> dict[str, np.ndarray] | None:
+        """The last stored memory state (fresh writable arrays), or None if none was stored."""
+        with self._lock:
+            conn = self._require_open()
+            rows = self._read(lambda: conn.execute(
+                "SELECT name, dtype, shape, data FROM memory_state ORDER BY name").fetchall())
+        if not rows:
+            return None
+        state = {}
+        for name, dtype_name, shape_json, data in rows:
+            problem = _state_row_problem(name, dtype_name, shape_json, data)
+            if problem:
+                raise StoreCorruptError(f"{self.path}: {problem}")
+            dtype = _STATE_DTYPES[dtype_name]
+            arr = np.frombuffer(data, dtype=dtype).reshape(json.loads(shape_json))
+            state[name] = arr.astype(dtype.newbyteorder("="), copy=True)
+        return state
+
+    def query(self, embedding: np.ndarray, k: int, start_ns: int | None = None,
+              end_ns: int | None = None) -> list[tuple[Episode, float]]:
+        """The k episodes most cosine-similar to ``embedding``, best first, with their scores.
+
+        Only episodes with ``start_ns <= stamp_ns <= end_ns`` (each bound optional) compete.
+        Equal scores rank the newer episode (larger stamp_ns, then larger id) first.
+        """
+        _, q = self._check_embedding("embedding", embedding)
+        if not _is_int(k) or not 1 <= k <= MAX_K:
+            raise StoreInputError(f"k: expected an int in [1, {MAX_K}], got {k!r}")
+        if start_ns is not None:
+            _check_stamp("start_ns", start_ns)
+        if end_ns is not None:
+            _check_stamp("end_ns", end_ns)
+        if start_ns is not None and end_ns is not None and start_ns > end_ns:
+            raise StoreInputError(f"start_ns: expected ≤ end_ns ({end_ns}), got {start_ns}")
+        with self._lock:
+            self._require_open()
+            n = self._index.n
+            ids = self._index.ids[:n].copy()
+            stamps = self._index.stamps[:n].copy()
+            scores = self._index.unit[:n] @ q
+            keep = np.ones(n, bool)
+            if start_ns is not None:
+                keep &= stamps >= start_ns
+            if end_ns is not None:
+                keep &= stamps <= end_ns
+            ids, stamps, scores = ids[keep], stamps[keep], scores[keep]
+            if len(ids) > k:
+                # Everything tied with the k-th best competes, so ties at the cut are fair.
+                kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+                cand = scores >= kth
+                ids, stamps, scores = ids[cand], stamps[cand], scores[cand]
+            order = np.lexsort((-ids, -stamps, -scores))[:k]
+            episodes = self._fetch([int(i) for i in ids[order]])
+            return [(episodes[int(ids[i])], float(scores[i])) for i in order]
+
+    def integrity_check(self) -> list[str]:
+        """Problems found (empty list = healthy): SQLite integrity, schema, blobs, RAM index."""
+        problems: list[str] = []
+        with self._lock:
+            conn = self._require_open()
+            try:
+                rows = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+                if rows != ["ok"]:
+                    problems += [f"sqlite: {r}" for r in rows]
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not _TABLES <= tables:
+                    problems.append(f"schema: missing tables {sorted(_TABLES - tables)}")
+                    return problems
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                expected = {"schema_version": str(SCHEMA_VERSION), "embedding_dim": str(self.embedding_dim),
+                            "identity": self.identity}
+                for key, value in expected.items():
+                    if meta.get(key) != value:
+                        problems.append(f"meta: {key} is {meta.get(key)!r}, expected {value!r}")
+                ids = []
+                for episode_id, stamp_ns, caption, source, emb_len, thumb_len in conn.execute(
+                        "SELECT id, stamp_ns, typeof(caption), typeof(source), length(embedding),"
+                        " length(thumbnail) FROM episodes ORDER BY id"):
+                    ids.append(episode_id)
+                    if emb_len != 4 * self.embedding_dim:
+                        problems.append(f"episode {episode_id}: embedding is {emb_len} bytes, "
+                                        f"expected {4 * self.embedding_dim}")
+                    if thumb_len > MAX_THUMBNAIL_BYTES:
+                        problems.append(f"episode {episode_id}: thumbnail of {thumb_len} bytes > {MAX_THUMBNAIL_BYTES}")
+                    if caption != "text" or source != "text":
+                        problems.append(f"episode {episode_id}: caption/source are {caption}/{source}, expected text")
+                    if stamp_ns is None or not isinstance(stamp_ns, int) or stamp_ns < 0:
+                        problems.append(f"episode {episode_id}: stamp_ns {stamp_ns!r} is not a non-negative int")
+                for name, dtype_name, shape_json, data in conn.execute(
+                        "SELECT name, dtype, shape, data FROM memory_state"):
+                    problem = _state_row_problem(name, dtype_name, shape_json, data)
+                    if problem:
+                        problems.append(problem)
+            except sqlite3.DatabaseError as e:
+                problems.append(f"sqlite: {e}")
+                return problems
+            if ids != self._index.ids[: self._index.n].tolist():
+                problems.append(f"index: RAM index holds {self._index.n} episodes, database {len(ids)}")
+        return problems
+
+    # ------------------------------------------------------------------ internals
+    def _require_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreClosedError(f"episode store {self.path} is closed")
+        return self._conn
+
+    def _transaction(self, what: str, body):
+        """Run ``body`` inside BEGIN IMMEDIATE ... COMMIT; roll back and raise StoreWriteError on failure."""
+        conn = self._require_open()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = body()
+            conn.execute("COMMIT")
+            return result
+        except BaseException as e:
+            rollback_error = None
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as r:
+                    rollback_error = r
+            if isinstance(e, (sqlite3.Error, OSError)):
+                note = f" (rollback also failed: {rollback_error})" if rollback_error else ""
+                raise StoreWriteError(f"{what}: write to {self.path} failed, nothing from this call was "
+                                      f"stored: {type(e).__name__}: {e}{note}") from e
+            raise
+
+    def _read(self, body):
+        try:
+            return body()
+        except sqlite3.DatabaseError as e:
+            raise StoreCorruptError(f"{self.path}: read failed: {e}") from e
+
+    @staticmethod
+    def _replace_state(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+        conn.execute("DELETE FROM memory_state")
+        conn.executemany("INSERT INTO memory_state (name, dtype, shape, data) VALUES (?, ?, ?, ?)", rows)
+
+    def _fetch(self, ids: list[int]) -> dict[int, Episode]:
+        found: dict[int, Episode] = {}
+        with self._lock:
+            conn = self._require_open()
+            for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._read(lambda: conn.execute(
+                    f"SELECT id, stamp_ns, caption, source, embedding, thumbnail FROM episodes WHERE id IN ({marks})",
+                    chunk).fetchall())
+                for r in rows:
+                    found[r[0]] = self._row_to_episode(r)
+        return found
+
+    def _row_to_episode(self, row: tuple) -> Episode:
+        episode_id, stamp_ns, caption, source, blob, thumb = row
+        emb = self._decode_embedding(episode_id, blob).copy()
+        return Episode(int(episode_id), int(stamp_ns), caption, source, emb, bytes(thumb))
+
+    def _decode_embedding(self, episode_id: int, blob: bytes) -> np.ndarray:
+        if not isinstance(blob, bytes) or len(blob) != 4 * self.embedding_dim:
+            size = len(blob) if isinstance(blob, bytes) else type(blob).__name__
+            raise StoreCorruptError(f"{self.path}: episode {episode_id} embedding is {size} bytes, "
+                                    f"expected {4 * self.embedding_dim}")
+        return np.frombuffer(blob, dtype=_F32_LE).astype(np.float32)
+
+    def _check_embedding(self, name: str, embedding) -> tuple[np.ndarray, np.ndarray]:
+        """(little-endian float32 copy, unit-normalised float32) or StoreInputError."""
+        if not isinstance(embedding, np.ndarray) or embedding.dtype != np.float32:
+            raise StoreInputError(f"{name}: expected a float32 array of shape ({self.embedding_dim},), "
+                                  f"got {_describe(embedding)}")
+        if embedding.shape != (self.embedding_dim,):
+            raise StoreInputError(f"{name}: expected shape ({self.embedding_dim},), got {embedding.shape}")
+        if not np.isfinite(embedding).all():
+            raise StoreInputError(f"{name}: expected finite values, got NaN or inf")
+        norm = float(np.linalg.norm(embedding.astype(np.float64)))
+        if norm == 0.0:
+            raise StoreInputError(f"{name}: expected a non-zero vector (cosine similarity is undefined for 0)")
+        emb = embedding.astype(_F32_LE, copy=True)
+        return emb, (embedding.astype(np.float64) / norm).astype(np.float32)
+
+
+# ---------------------------------------------------------------------- validation helpers
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _describe(x) -> str:
+    if isinstance(x, np.ndarray):
+        return f"ndarray dtype={x.dtype} shape={x.shape}"
+    return type(x).__name__
+
+
+def _check_stamp(name: str, value) -> None:
+    if not _is_int(value) or not 0 <= value <= MAX_STAMP_NS:
+        raise StoreInputError(f"{name}: expected an int of nanoseconds in [0, 2**63), got {value!r}")
+
+
+def _check_text(name: str, value, max_bytes: int, allow_empty: bool) -> None:
+    if not isinstance(value, str):
+        raise StoreInputError(f"{name}: expected a str, got {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise StoreInputError(f"{name}: expected valid Unicode text, got unencodable characters ({e})") from e
+    if size > max_bytes:
+        raise StoreInputError(f"{name}: expected at most {max_bytes} UTF-8 bytes, got {size}")
+    if not allow_empty and size == 0:
+        raise StoreInputError(f"{name}: expected a non-empty string")
+
+
+def _check_thumbnail(thumb) -> bytes:
+    if not isinstance(thumb, (bytes, bytearray, memoryview)):
+        raise StoreInputError(f"thumbnail_jpeg: expected JPEG bytes (or b''), got {type(thumb).__name__}")
+    thumb = bytes(thumb)
+    if len(thumb) > MAX_THUMBNAIL_BYTES:
+        raise StoreInputError(f"thumbnail_jpeg: expected at most {MAX_THUMBNAIL_BYTES} bytes, got {len(thumb)}")
+    if thumb and not thumb.startswith(b"\xff\xd8"):
+        raise StoreInputError("thumbnail_jpeg: expected JPEG bytes (starting FF D8), got something else")
+    return thumb
+
+
+def _encode_state(state) -> list[tuple]:
+    """Rows (name, dtype, shape json, little-endian bytes) of a memory state, validated."""
+    if not isinstance(state, dict) or not state:
+        raise StoreInputError(f"memory_state: expected a non-empty dict of name -> ndarray, got {state!r:.80}")
+    if len(state) > MAX_STATE_TENSORS:
+        raise StoreInputError(f"memory_state: expected at most {MAX_STATE_TENSORS} tensors, got {len(state)}")
+    rows, total = [], 0
+    for name, value in state.items():
+        if not isinstance(name, str) or len(name) > MAX_STATE_NAME_CHARS or not _STATE_NAME_RE.match(name):
+            raise StoreInputError(f"memory_state: tensor name {name!r} is not an identifier of "
+                                  f"≤ {MAX_STATE_NAME_CHARS} chars")
+        arr = np.asarray(value)
+        if arr.dtype.name not in _STATE_DTYPES:
+            raise StoreInputError(f"memory_state[{name!r}]: expected a numeric or bool array, got dtype {arr.dtype}")
+        total += arr.nbytes
+        if total > MAX_STATE_BYTES:
+            raise StoreInputError(f"memory_state: expected at most {MAX_STATE_BYTES} bytes in all")
+        le = np.ascontiguousarray(arr, dtype=_STATE_DTYPES[arr.dtype.name])
+        rows.append((name, arr.dtype.name, json.dumps(list(arr.shape)), le.tobytes()))
+    return rows
+
+
+def _state_row_problem(name, dtype_name, shape_json, data) -> str | None:
+    if dtype_name not in _STATE_DTYPES:
+        return f"memory_state[{name!r}]: unknown dtype {dtype_name!r}"
+    try:
+        shape = json.loads(shape_json)
+        ok = isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        return f"memory_state[{name!r}]: bad shape {shape_json!r}"
+    expected = int(np.prod(shape, dtype=np.int64)) * _STATE_DTYPES[dtype_name].itemsize
+    if not isinstance(data, bytes) or len(data) != expected:
+        return f"memory_state[{name!r}]: {len(data) if isinstance(data, bytes) else type(data).__name__} bytes, " \
+               f"expected {expected} for {dtype_name}{tuple(shape)}"
+    return None

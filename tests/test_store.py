@@ -1,0 +1,605 @@
+"""EpisodeStore: persistence, ranking against a numpy reference, validation, corruption, crashes."""
+
+import hashlib
+import importlib.util
+import os
+import random
+import select
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bitmar_core import store as store_mod
+from bitmar_core.store import (
+    MAX_CAPTION_BYTES,
+    MAX_K,
+    MAX_THUMBNAIL_BYTES,
+    EpisodeStore,
+    StoreClosedError,
+    StoreCorruptError,
+    StoreInputError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    StoreVersionError,
+    StoreWriteError,
+    make_thumbnail,
+)
+
+DIM = 16
+IDENTITY = "bitmar-test/v1 C=16"
+REPO = Path(__file__).resolve().parents[1]
+WRITER = Path(__file__).resolve().parent / "helpers" / "store_writer.py"
+
+
+def _writer_module():
+    spec = importlib.util.spec_from_file_location("store_writer", WRITER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _emb(rng, dim=DIM):
+    return rng.standard_normal(dim).astype(np.float32)
+
+
+def _state(k=8, c=DIM, n=1):
+    rng = np.random.default_rng(n)
+    return {"M": rng.standard_normal((k, c)).astype(np.float32),
+            "usage": rng.random(k).astype(np.float32),
+            "n_writes": np.int64(n)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = EpisodeStore.open(tmp_path / "mem", DIM, IDENTITY)
+    yield s
+    s.close()
+
+
+def _fill(s, n, seed=0, stamps=None):
+    rng = np.random.default_rng(seed)
+    added = []
+    for i in range(n):
+        stamp = int(stamps[i]) if stamps is not None else 1_000 + i
+        emb = _emb(rng)
+        eid = s.add_episode(stamp, f"caption {i}", "caption", emb)
+        added.append((eid, stamp, emb))
+    return added
+
+
+# ---------------------------------------------------------------------- round trip
+def test_round_trip_all_fields_byte_exact(tmp_path):
+    rng = np.random.default_rng(1)
+    directory = tmp_path / "mem"
+    written = []
+    with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+        for i in range(20):
+            rgb = rng.integers(0, 256, (40 + i, 60, 3), dtype=np.uint8)
+            emb = _emb(rng)
+            caption = f"épisode {i} — a cup 🍵" if i % 2 else ""
+            source = "caption" if i % 3 else "description"
+            state = _state(n=i + 1)
+            eid = s.add_episode(10**18 + i, caption, source, emb, make_thumbnail(rgb), state)
+            written.append((eid, 10**18 + i, caption, source, emb.tobytes(), make_thumbnail(rgb)))
+        last_state = state
+    with EpisodeStore.open(directory, DIM, IDENTITY, create=False) as s:
+        assert s.count() == 20
+        got = s.all_episodes()
+        assert [(e.id, e.stamp_ns, e.caption, e.source, e.embedding.tobytes(), e.thumbnail_jpeg)
+                for e in got] == written
+        assert all(e.embedding.dtype == np.float32 and e.embedding.shape == (DIM,) for e in got)
+        assert s.episode(written[3][0]).caption == written[3][2]
+        state = s.memory_state()
+        assert state.keys() == last_state.keys()
+        for name, value in last_state.items():
+            assert state[name].dtype == np.asarray(value).dtype
+            assert state[name].shape == np.asarray(value).shape
+            assert state[name].tobytes() == np.asarray(value).tobytes()
+        assert s.integrity_check() == []
+
+
+def test_memory_state_dtypes_and_put(store):
+    assert store.memory_state() is None
+    state = {"M": np.arange(12, dtype=np.float64).reshape(3, 4), "flags": np.array([True, False]),
+             "be": np.arange(3, dtype=">u2"), "count": 7, "empty": np.zeros((0, 5), np.float32)}
+    store.put_memory_state(state)
+    got = store.memory_state()
+    assert got["M"].dtype == np.float64 and np.array_equal(got["M"], state["M"])
+    assert got["flags"].tolist() == [True, False]
+    assert got["be"].dtype == np.uint16 and got["be"].tolist() == [0, 1, 2]
+    assert got["count"].dtype == np.int64 and got["count"].shape == () and int(got["count"]) == 7
+    assert got["empty"].shape == (0, 5)
+    got["M"][0, 0] = 99  # fresh writable arrays, not views of the database
+    store.put_memory_state({"M": np.ones(2, np.float32)})  # replaces the whole state
+    assert list(store.memory_state()) == ["M"]
+    assert store.count() == 0  # memory state alone adds no episode
+
+
+def test_episode_missing_raises_keyerror(store):
+    with pytest.raises(KeyError):
+        store.episode(12345)
+
+
+def test_ids_never_reused_after_clear(tmp_path):
+    with EpisodeStore.open(tmp_path, DIM, IDENTITY) as s:
+        ids = [e[0] for e in _fill(s, 3)]
+        s.add_episode(5, "x", "caption", _emb(np.random.default_rng(0)), b"", _state())
+        s.clear()
+        assert s.count() == 0 and s.memory_state() is None and s.all_episodes() == []
+        assert s.query(_emb(np.random.default_rng(1)), 5) == []
+        new = _fill(s, 1)[0][0]
+        assert new > max(ids) + 1
+    with EpisodeStore.open(tmp_path, DIM, IDENTITY) as s:
+        assert [e.id for e in s.all_episodes()] == [new] and s.memory_state() is None
+
+
+# ---------------------------------------------------------------------- query
+def _reference(embs, stamps, ids, q, k, start=None, end=None):
+    embs = np.asarray(embs, np.float64)
+    cos = embs @ q.astype(np.float64) / (np.linalg.norm(embs, axis=1) * np.linalg.norm(q.astype(np.float64)))
+    rows = [(cos[i], stamps[i], ids[i]) for i in range(len(ids))
+            if (start is None or stamps[i] >= start) and (end is None or stamps[i] <= end)]
+    rows.sort(key=lambda r: (-r[0], -r[1], -r[2]))
+    return rows[:k]
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+def test_query_matches_numpy_reference(tmp_path, reopen):
+    rng = np.random.default_rng(7)
+    stamps = rng.integers(0, 10_000, 300)
+    s = EpisodeStore.open(tmp_path, DIM, IDENTITY)
+    added = _fill(s, 300, seed=3, stamps=stamps)
+    if reopen:
+        s.close()
+        s = EpisodeStore.open(tmp_path, DIM, IDENTITY)
+    ids = [a[0] for a in added]
+    embs = [a[2] for a in added]
+    for trial in range(30):
+        q = _emb(rng)
+        k = int(rng.integers(1, 40))
+        start = int(rng.integers(0, 5_000)) if trial % 3 else None
+        end = int(rng.integers(5_000, 10_000)) if trial % 2 else None
+        expected = _reference(embs, stamps, ids, q, k, start, end)
+        got = s.query(q, k, start, end)
+        assert [e.id for e, _ in got] == [r[2] for r in expected]
+        np.testing.assert_allclose([sc for _, sc in got], [r[0] for r in expected], atol=1e-5)
+        for episode, _ in got:
+            assert episode.caption == f"caption {ids.index(episode.id)}"
+    # a window holding nothing, and k larger than the store
+    assert s.query(embs[0], 5, start_ns=20_000) == []
+    assert len(s.query(embs[0], MAX_K)) == 300
+    s.close()
+
+
+def test_query_ties_rank_newest_first(store):
+    # One-hot embeddings: their cosines with q are exact, so ties are exact.
+    def one_hot(i, scale=1.0):
+        e = np.zeros(DIM, np.float32)
+        e[i] = scale
+        return e
+
+    a = store.add_episode(100, "a", "caption", one_hot(0))
+    b = store.add_episode(300, "b", "caption", one_hot(0, 2.0))  # same direction, newer
+    c = store.add_episode(200, "c", "caption", one_hot(0, 0.5))
+    d = store.add_episode(300, "d", "caption", one_hot(0, 3.0))  # same stamp as b, larger id
+    store.add_episode(400, "e", "caption", one_hot(1))
+    q = np.zeros(DIM, np.float32)
+    q[0], q[1] = 1.0, 0.5
+    got = store.query(q, 4)
+    assert [e.id for e, _ in got] == [d, b, c, a]
+    assert len({score for _, score in got}) == 1
+    # ties straddling the cut are decided by recency too
+    assert [e.id for e, _ in store.query(q, 2)] == [d, b]
+
+
+# ---------------------------------------------------------------------- validation
+GOOD = dict(stamp_ns=1, caption="c", source="caption", embedding=np.ones(DIM, np.float32), thumbnail_jpeg=b"")
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("embedding", np.ones(DIM + 1, np.float32), "embedding"),
+    ("embedding", np.ones((1, DIM), np.float32), "embedding"),
+    ("embedding", np.ones(DIM, np.float64), "float32"),
+    ("embedding", [1.0] * DIM, "embedding"),
+    ("embedding", np.full(DIM, np.nan, np.float32), "finite"),
+    ("embedding", np.array([np.inf] + [0] * (DIM - 1), np.float32), "finite"),
+    ("embedding", np.zeros(DIM, np.float32), "non-zero"),
+    ("caption", b"bytes", "caption"),
+    ("caption", None, "caption"),
+    ("caption", "x" * (MAX_CAPTION_BYTES + 1), "caption"),
+    ("caption", "\ud800", "caption"),
+    ("source", "Caption!", "source"),
+    ("source", "", "source"),
+    ("stamp_ns", -1, "stamp_ns"),
+    ("stamp_ns", 1.5, "stamp_ns"),
+    ("stamp_ns", True, "stamp_ns"),
+    ("stamp_ns", 2**63, "stamp_ns"),
+    ("thumbnail_jpeg", b"\xff\xd8" + b"0" * MAX_THUMBNAIL_BYTES, "thumbnail_jpeg"),
+    ("thumbnail_jpeg", b"\x89PNG....", "thumbnail_jpeg"),
+    ("thumbnail_jpeg", "not bytes", "thumbnail_jpeg"),
+])
+def test_add_episode_validation_names_input(store, field, value, fragment):
+    with pytest.raises(StoreInputError, match=fragment):
+        store.add_episode(**{**GOOD, field: value})
+    assert store.count() == 0
+
+
+@pytest.mark.parametrize("state, fragment", [
+    ({}, "memory_state"),
+    ({"M": np.array(["a"])}, "memory_state\\['M'\\]"),
+    ({"M": np.array([object()], dtype=object)}, "dtype"),
+    ({"bad name": np.ones(2)}, "name"),
+    ({3: np.ones(2)}, "name"),
+    ("M", "memory_state"),
+])
+def test_memory_state_validation(store, state, fragment):
+    with pytest.raises(StoreInputError, match=fragment):
+        store.put_memory_state(state)
+    with pytest.raises(StoreInputError, match=fragment):
+        store.add_episode(**GOOD, memory_state=state)
+    assert store.count() == 0 and store.memory_state() is None
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(k=0), "k:"), (dict(k=MAX_K + 1), "k:"), (dict(k=2.0), "k:"),
+    (dict(k=1, start_ns=10, end_ns=5), "start_ns"), (dict(k=1, start_ns=-1), "start_ns"),
+    (dict(k=1, end_ns="5"), "end_ns"),
+    (dict(k=1, embedding=np.ones(3, np.float32)), "embedding"),
+])
+def test_query_validation(store, kwargs, fragment):
+    kwargs = {"embedding": np.ones(DIM, np.float32), **kwargs}
+    with pytest.raises(StoreInputError, match=fragment):
+        store.query(**kwargs)
+
+
+@pytest.mark.parametrize("dim, identity, fragment", [
+    (0, IDENTITY, "embedding_dim"), (True, IDENTITY, "embedding_dim"), (16, "", "identity"), (16, 3, "identity"),
+])
+def test_open_validation(tmp_path, dim, identity, fragment):
+    with pytest.raises(StoreInputError, match=fragment):
+        EpisodeStore.open(tmp_path / "x", dim, identity)
+    assert not (tmp_path / "x").exists()
+
+
+def test_closed_store_raises(tmp_path):
+    s = EpisodeStore.open(tmp_path, DIM, IDENTITY)
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(StoreClosedError):
+        s.count()
+    with pytest.raises(StoreClosedError):
+        s.add_episode(**GOOD)
+
+
+# ---------------------------------------------------------------------- corruption at open
+def _make_store(directory, n=5):
+    with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+        _fill(s, n)
+        s.put_memory_state(_state())
+    return directory / store_mod.DB_FILENAME
+
+
+def _garble(db: Path):
+    data = bytearray(db.read_bytes())
+    data[:100] = os.urandom(100)  # the SQLite header
+    db.write_bytes(bytes(data))
+
+
+def _set_meta(key, value):
+    def corrupt(db: Path):
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+        conn.commit()
+        conn.close()
+    return corrupt
+
+
+def _foreign(db: Path):
+    db.unlink()
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE photos (x)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("corrupt, error, fragment", [
+    (_garble, StoreCorruptError, "not a readable SQLite"),
+    (lambda db: db.write_bytes(b"hello, I am not a database" * 200), StoreCorruptError, "not a readable"),
+    (_foreign, StoreCorruptError, "not an episode store"),
+    (_set_meta("schema_version", "99"), StoreVersionError, "schema_version"),
+    (_set_meta("embedding_dim", "32"), StoreMismatchError, "embedding_dim"),
+    (_set_meta("identity", "someone else"), StoreMismatchError, "identity"),
+])
+def test_corrupt_store_raises_and_is_left_untouched(tmp_path, corrupt, error, fragment):
+    db = _make_store(tmp_path / "mem")
+    corrupt(db)
+    before = {p.name: _sha256(p) for p in db.parent.iterdir()}
+    with pytest.raises(error, match=fragment):
+        EpisodeStore.open(db.parent, DIM, IDENTITY)
+    with pytest.raises(error):  # and again: nothing was "repaired" the first time
+        EpisodeStore.open(db.parent, DIM, IDENTITY, create=False)
+    after = {p.name: _sha256(p) for p in db.parent.iterdir() if p.name in before}
+    assert after == before
+
+
+def test_bad_embedding_blob_in_store_is_reported(tmp_path):
+    db = _make_store(tmp_path)
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE episodes SET embedding = x'00112233' WHERE id = 2")
+    conn.commit()
+    conn.close()
+    digest = _sha256(db)
+    with pytest.raises(StoreCorruptError, match="episode 2 embedding is 4 bytes"):
+        EpisodeStore.open(tmp_path, DIM, IDENTITY)
+    assert _sha256(db) == digest
+
+
+def test_integrity_check_reports_problems(store):
+    _fill(store, 3)
+    store.put_memory_state(_state())
+    assert store.integrity_check() == []
+    store._conn.execute("UPDATE episodes SET embedding = x'00' WHERE id = 1")
+    store._conn.execute("UPDATE memory_state SET data = x'00' WHERE name = 'M'")
+    store._conn.execute("UPDATE meta SET value = '7' WHERE key = 'embedding_dim'")
+    problems = store.integrity_check()
+    assert any("episode 1: embedding is 1 bytes" in p for p in problems)
+    assert any("memory_state['M']" in p for p in problems)
+    assert any("meta: embedding_dim" in p for p in problems)
+
+
+def test_open_missing_without_create(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="create=True"):
+        EpisodeStore.open(tmp_path / "none", DIM, IDENTITY, create=False)
+    assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------------- permissions
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
+def test_permissions_are_owner_only_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        directory = tmp_path / "a" / "mem"
+        with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+            _fill(s, 2)
+            files = sorted(p.name for p in directory.iterdir())
+            assert files == ["episodes.sqlite3", "episodes.sqlite3-shm", "episodes.sqlite3-wal"]
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+            for p in directory.iterdir():
+                assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+    finally:
+        os.umask(old)
+
+
+# ---------------------------------------------------------------------- failed writes
+def test_disk_full_raises_store_write_error_and_keeps_committed(tmp_path):
+    s = EpisodeStore.open(tmp_path, DIM, IDENTITY)
+    added = _fill(s, 5)
+    s.put_memory_state(_state(n=5))
+    pages = s._conn.execute("PRAGMA page_count").fetchone()[0]
+    s._conn.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: "disk" is full
+    big = b"\xff\xd8" + os.urandom(MAX_THUMBNAIL_BYTES - 2)
+    q = added[0][2]
+    for _ in range(3):
+        with pytest.raises(StoreWriteError, match="full") as info:
+            s.add_episode(9_999, "too big", "caption", q, big, _state(n=6))
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert s.count() == 5
+    assert [e.id for e in s.all_episodes()] == [a[0] for a in added]
+    assert int(s.memory_state()["n_writes"]) == 5
+    assert s.query(q, 1)[0][0].id == added[0][0]  # the RAM index never saw the failed episode
+    assert s.integrity_check() == []
+    s._conn.execute("PRAGMA max_page_count = 1073741823")  # space again: writes resume
+    new = s.add_episode(10_000, "fits", "caption", q, b"", _state(n=6))
+    assert s.count() == 6 and s.integrity_check() == []
+    s.close()
+    with EpisodeStore.open(tmp_path, DIM, IDENTITY) as s:
+        assert [e.caption for e in s.all_episodes()][-1] == "fits" and s.episode(new).stamp_ns == 10_000
+        assert int(s.memory_state()["n_writes"]) == 6 and s.integrity_check() == []
+
+
+class _FailingConnection:
+    """Proxies a sqlite3.Connection and fails the first statement containing ``trigger``."""
+
+    def __init__(self, conn, trigger):
+        self._conn, self._trigger, self.fired = conn, trigger, False
+
+    def _maybe_fail(self, sql):
+        if self._trigger in sql and not self.fired:
+            self.fired = True
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+
+    def execute(self, sql, *args):
+        self._maybe_fail(sql)
+        return self._conn.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        self._maybe_fail(sql)
+        return self._conn.executemany(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize("trigger", ["INSERT INTO memory_state", "DELETE FROM memory_state", "COMMIT"])
+def test_injected_failure_rolls_back_episode_and_memory_together(tmp_path, trigger):
+    s = EpisodeStore.open(tmp_path, DIM, IDENTITY)
+    _fill(s, 3)
+    s.put_memory_state(_state(n=3))
+    real = s._conn
+    s._conn = _FailingConnection(real, trigger)
+    with pytest.raises(StoreWriteError, match="disk I/O error \\(injected\\)"):
+        s.add_episode(50, "lost", "caption", np.ones(DIM, np.float32), b"", _state(n=4))
+    assert s._conn.fired and not real.in_transaction
+    s._conn = real
+    assert s.count() == 3 and int(s.memory_state()["n_writes"]) == 3
+    assert "lost" not in [e.caption for e in s.all_episodes()]
+    assert s.integrity_check() == []
+    s.close()
+    with EpisodeStore.open(tmp_path, DIM, IDENTITY) as s:
+        assert s.count() == 3 and int(s.memory_state()["n_writes"]) == 3
+
+
+def test_injected_failure_in_clear_keeps_everything(store):
+    _fill(store, 3)
+    store.put_memory_state(_state())
+    real = store._conn
+    store._conn = _FailingConnection(real, "DELETE FROM memory_state")
+    with pytest.raises(StoreWriteError, match="clear"):
+        store.clear()
+    store._conn = real
+    assert store.count() == 3 and store.memory_state() is not None and store.integrity_check() == []
+
+
+# ---------------------------------------------------------------------- threads
+def test_one_writer_many_readers(store):
+    errors, done = [], threading.Event()
+    rng = np.random.default_rng(0)
+
+    def write():
+        try:
+            for i in range(200):
+                store.add_episode(i, f"c{i}", "caption", _emb(rng), b"", _state(n=i + 1))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    def read():
+        r = np.random.default_rng(threading.get_ident() % 1000)
+        try:
+            while not done.is_set():
+                got = store.query(_emb(r), 5)
+                assert len(got) == min(5, len(got)) and all(e.caption == f"c{e.stamp_ns}" for e, _ in got)
+                state = store.memory_state()
+                assert state is None or state["M"].shape == (8, DIM)
+                store.count()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write)] + [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert store.count() == 200 and store.integrity_check() == []
+
+
+# ---------------------------------------------------------------------- thumbnails
+def test_make_thumbnail_shrinks_and_encodes_jpeg():
+    rgb = np.zeros((300, 150, 3), np.uint8)
+    rgb[:, :, 0] = 200  # pure red
+    jpeg = make_thumbnail(rgb, max_side=96, quality=90)
+    assert jpeg[:2] == b"\xff\xd8"
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr.shape == (96, 48, 3)
+    assert np.abs(bgr.astype(int) - [0, 0, 200]).max() <= 3  # red stays red: RGB was swapped to BGR
+    small = make_thumbnail(np.zeros((10, 20, 3), np.uint8))
+    assert cv2.imdecode(np.frombuffer(small, np.uint8), cv2.IMREAD_COLOR).shape == (10, 20, 3)  # no upscale
+    with pytest.raises(StoreInputError, match="rgb"):
+        make_thumbnail(np.zeros((10, 10), np.uint8))
+    with pytest.raises(StoreInputError, match="quality"):
+        make_thumbnail(rgb, quality=0)
+
+
+# ---------------------------------------------------------------------- crash safety
+def _crash_cycles(directory: Path, kills: int, seed: int = 0) -> None:
+    """SIGKILL the writer at random moments; after each, every acked episode must be intact."""
+    writer = _writer_module()
+    rnd = random.Random(seed)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    acked: dict[int, int] = {}
+    for cycle in range(kills):
+        proc = subprocess.Popen([sys.executable, str(WRITER), str(directory), str(DIM), IDENTITY],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        first = b""
+        if cycle % 4 == 0:  # kill anywhere in start-up: import, creation, first writes
+            time.sleep(rnd.uniform(0.0, 1.0))
+        else:  # kill mid-writes: after the first ack, at a random moment
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, "writer printed nothing within 30 s"
+            first = proc.stdout.readline()
+            time.sleep(rnd.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        for line in (first + out).decode().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "ack":  # a line cut by the kill is not an ack
+                acked[int(parts[1])] = int(parts[2])
+        if not (directory / store_mod.DB_FILENAME).exists():  # killed before it created the store
+            assert not acked
+            continue
+        with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+            assert s.integrity_check() == []
+            for episode_id, n in acked.items():
+                episode = s.episode(episode_id)
+                assert episode.caption == writer.caption_for(n) and episode.stamp_ns == n
+                assert episode.embedding.tobytes() == writer.embedding_for(n, DIM).tobytes()
+            count = s.count()
+            assert count >= len(acked)
+            state = s.memory_state()
+            if count:  # memory and episodes agree: the state is the one written with the last episode
+                assert int(state["n_writes"]) == count
+                assert np.all(state["M"] == count) and np.all(state["usage"] == count)
+    assert len(acked) > 0
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_no_acked_episode(tmp_path):
+    _crash_cycles(tmp_path / "mem", kills=5)
+
+
+def test_store_killed_while_being_created_is_initialised_on_open(tmp_path):
+    # What a kill between "file created" and "schema committed" leaves: an empty file, or a
+    # database in WAL mode without tables. Neither holds data, so open() initialises it.
+    tmp_path.chmod(0o700)
+    db = tmp_path / store_mod.DB_FILENAME
+    db.touch(mode=0o600)
+    with pytest.raises(StoreNotFoundError):
+        EpisodeStore.open(tmp_path, DIM, IDENTITY, create=False)
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    assert db.stat().st_size > 0
+    with pytest.raises(StoreNotFoundError):
+        EpisodeStore.open(tmp_path, DIM, IDENTITY, create=False)
+    with EpisodeStore.open(tmp_path, DIM, IDENTITY) as s:
+        assert s.count() == 0 and s.integrity_check() == []
+        _fill(s, 1)
+    with EpisodeStore.open(tmp_path, DIM, IDENTITY, create=False) as s:
+        assert s.count() == 1
+
+
+def test_directory_name_with_uri_special_characters(tmp_path):
+    directory = tmp_path / "my store #1 ?x=%20&"
+    with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+        _fill(s, 2)
+    with EpisodeStore.open(directory, DIM, IDENTITY, create=False) as s:
+        assert s.count() == 2
+    with pytest.raises(StoreMismatchError):
+        EpisodeStore.open(directory, DIM + 1, IDENTITY)
+
+
+def test_checkpoint_empties_the_wal(tmp_path):
+    with EpisodeStore.open(tmp_path, DIM, IDENTITY) as s:
+        _fill(s, 10)
+        wal = tmp_path / (store_mod.DB_FILENAME + "-wal")
+        assert wal.stat().st_size > 0
+        s.checkpoint()
+        assert wal.stat().st_size == 0 and s.count() == 10
+    with EpisodeStore.open(tmp_path, DIM, IDENTITY) as s:
+        assert s.count() == 10
