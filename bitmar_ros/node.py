@@ -1,0 +1,557 @@
+"""BitMarNode: camera + captions in, persistent episodic memory, streaming descriptions out.
+
+A thin adapter: ROS callbacks only convert and enqueue (bounded, counted); one worker thread runs
+the model (episodes, descriptions); services run in their own callback group so a query is answered
+while a description is being generated. Everything model- or storage-shaped is ``bitmar_core``.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+
+from bitmar_core.runtime import BitMarRuntime, RuntimeError_
+from bitmar_core.store import EpisodeStore, StoreError, StoreWriteError, make_thumbnail
+from bitmar_ros import params as P
+from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
+from bitmar_ros.msg import Description, Episode
+from bitmar_ros.srv import QueryMemory
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT_NAME = "bitmar_default.safetensors"
+
+
+class StartupError(Exception):
+    """A problem that stops the node before it runs: bad parameter, checkpoint or store."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Frame:
+    """A converted camera frame, already resized to the backbone's input size."""
+    seq: int
+    stamp_ns: int            # header stamp of the camera message
+    recv_ns: int             # node clock at reception (what captions are paired against)
+    header: object
+    rgb: np.ndarray          # (H, W, 3) uint8 at the model's input size
+    thumbnail: np.ndarray    # small copy of the frame for the store
+
+
+def default_checkpoint() -> str:
+    """The bundled checkpoint: the install tree's share dir on a robot, else this source checkout."""
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        candidates.append(Path(get_package_share_directory("bitmar_ros")) / "checkpoints" / DEFAULT_CHECKPOINT_NAME)
+    except Exception:  # not installed through ament: fall back to the checkout
+        pass
+    candidates.append(REPO_ROOT / "checkpoints" / DEFAULT_CHECKPOINT_NAME)
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    return str(candidates[-1])
+
+
+def _stamp_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+class _Percentiles:
+    """A bounded window of latencies for diagnostics (no unbounded growth over days)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._v: collections.deque[float] = collections.deque(maxlen=size)
+
+    def add(self, value_s: float) -> None:
+        self._v.append(value_s)
+
+    def get(self, q: float) -> float:
+        return float(np.percentile(np.fromiter(self._v, float), q)) if self._v else float("nan")
+
+
+class BitMarNode(Node):
+    """The BitMar perception node (see module docstring and README)."""
+
+    def __init__(self, **node_kwargs) -> None:
+        super().__init__("bitmar", **node_kwargs)
+        self._cfg = self._declare_parameters()
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._counters = collections.Counter()
+        self._lat_first = _Percentiles()
+        self._lat_final = _Percentiles()
+        self._lat_episode = _Percentiles()
+        self._frames: collections.deque[Frame] = collections.deque(maxlen=self._cfg["frame_history"])
+        self._texts: collections.deque[tuple[str, int]] = collections.deque()
+        self._frame_seq = 0
+        self._last_described_seq = -1
+        self._last_scene: np.ndarray | None = None
+        self._next_describe_ns = 0
+        self._stream_id = 0
+        self._rejections: set[str] = set()
+
+        self._runtime = self._load_runtime()
+        self._store = self._open_store()
+        self._restore_memory()
+
+        qos = QoSProfile(depth=self._cfg["qos_depth"], history=HistoryPolicy.KEEP_LAST,
+                         reliability=(ReliabilityPolicy.BEST_EFFORT if self._cfg["qos_reliability"] == "best_effort"
+                                      else ReliabilityPolicy.RELIABLE))
+        inputs = MutuallyExclusiveCallbackGroup()
+        services = MutuallyExclusiveCallbackGroup()
+        if self._cfg["use_compressed"]:
+            self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self.on_compressed_image,
+                                                       qos, callback_group=inputs)
+        else:
+            self._image_sub = self.create_subscription(Image, "image", self.on_image, qos, callback_group=inputs)
+        self._text_sub = self.create_subscription(String, "text", self.on_text, 50, callback_group=inputs)
+        self._desc_pub = self.create_publisher(Description, "description_stream", 100)
+        self._final_pub = self.create_publisher(String, "description", 10)
+        self._episode_pub = self.create_publisher(Episode, "episodes", 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._query_srv = self.create_service(QueryMemory, "~/query_memory", self.on_query_memory,
+                                              callback_group=services)
+        self._save_srv = self.create_service(Trigger, "~/save_memory", self.on_save_memory, callback_group=services)
+        self._clear_srv = self.create_service(Trigger, "~/clear_memory", self.on_clear_memory, callback_group=services)
+        self._diag_timer = None
+        self._reset_diag_timer()
+        self.add_on_set_parameters_callback(self.on_set_parameters)
+
+        self._worker = threading.Thread(target=self._work_loop, name="bitmar-worker", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"ready: checkpoint={self._checkpoint} backbone={self._runtime.backbone_name} "
+            f"store={self._store_dir} episodes={self._store.count()}")
+
+    # ------------------------------------------------------------------ start-up
+    def _declare_parameters(self) -> dict:
+        cfg = {}
+        problems = []
+        for p in P.PARAMS:
+            desc = ParameterDescriptor(description=p.description, read_only=False)
+            if isinstance(p.default, bool):
+                pass
+            elif isinstance(p.default, int) and p.low is not None:
+                desc.integer_range = [IntegerRange(from_value=int(p.low), to_value=int(p.high), step=1)]
+            elif isinstance(p.default, float) and p.low is not None:
+                desc.floating_point_range = [FloatingPointRange(from_value=float(p.low), to_value=float(p.high), step=0.0)]
+            if p.choices:
+                desc.additional_constraints = f"one of {list(p.choices)}"
+            # Declared without range enforcement by rcl so that our own check gives the message.
+            desc.integer_range, desc.floating_point_range = [], []
+            try:
+                value = self.declare_parameter(p.name, p.default, desc).value
+            except Exception as exc:  # wrong type in a params file
+                problems.append(f"{p.name}: {exc}")
+                continue
+            why = P.check(p.name, value)
+            if why:
+                problems.append(why)
+            cfg[p.name] = value
+        if problems:
+            raise StartupError("invalid parameters: " + "; ".join(problems), exit_code=2)
+        return cfg
+
+    def _load_runtime(self) -> BitMarRuntime:
+        self._checkpoint = os.path.expanduser(self._cfg["checkpoint"]) or default_checkpoint()
+        try:
+            return BitMarRuntime.from_checkpoint(
+                self._checkpoint, backbone=self._cfg["backbone"] or None,
+                dinov2_weights_dir=self._cfg["dinov2_weights_dir"] or None,
+                num_threads=self._cfg["num_threads"], seed=self._cfg["seed"])
+        except (RuntimeError_, OSError, ValueError) as exc:
+            raise StartupError(f"cannot load checkpoint '{self._checkpoint}': {exc}") from exc
+
+    def _open_store(self) -> EpisodeStore:
+        self._store_dir = os.path.expanduser(self._cfg["store_dir"])
+        try:
+            return EpisodeStore.open(self._store_dir, embedding_dim=self._runtime.embedding_dim,
+                                     identity=self._runtime.identity)
+        except StoreError as exc:
+            raise StartupError(f"cannot open episodic store '{self._store_dir}': {exc} "
+                               "(the store was left untouched)") from exc
+
+    def _restore_memory(self) -> None:
+        state = self._store.memory_state()
+        if state is None:
+            return
+        try:
+            self._runtime.load_memory_state(state)
+        except (RuntimeError_, ValueError) as exc:
+            raise StartupError(f"memory state in '{self._store_dir}' does not fit the model: {exc}") from exc
+        self.get_logger().info(f"restored episodic memory ({self._runtime.memory_writes} writes)")
+
+    # ------------------------------------------------------------------ callbacks (never block on the model)
+    def on_image(self, msg: Image) -> None:
+        self._accept_frame(msg, image_to_rgb8)
+
+    def on_compressed_image(self, msg: CompressedImage) -> None:
+        self._accept_frame(msg, compressed_to_rgb8)
+
+    def _accept_frame(self, msg, convert) -> None:
+        recv_ns = self.get_clock().now().nanoseconds
+        try:
+            rgb = convert(msg)
+        except ImageConversionError as exc:
+            self._reject("frame", str(exc))
+            return
+        h, w = self._runtime.input_size
+        small = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if rgb.shape[:2] != (h, w) else np.array(rgb)
+        t = self._cfg["thumbnail_size"]
+        scale = t / max(rgb.shape[:2])
+        thumb = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA) if scale < 1 else np.array(rgb)
+        with self._lock:
+            self._frame_seq += 1
+            if self._frames and self._frames[-1].seq > self._last_described_seq:
+                self._counters["frames_skipped"] += 1  # superseded before being described: latest-frame policy
+            self._frames.append(Frame(self._frame_seq, _stamp_ns(msg.header.stamp), recv_ns, msg.header, small, thumb))
+            self._counters["frames_received"] += 1
+            self._lock.notify_all()
+
+    def on_text(self, msg: String) -> None:
+        text = msg.data
+        n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
+        if not text.strip():
+            self._reject("text", "empty caption (expected non-blank text)")
+            return
+        if n_bytes > self._cfg["max_text_bytes"]:
+            self._reject("text", f"caption of {n_bytes} bytes exceeds max_text_bytes={self._cfg['max_text_bytes']}")
+            return
+        with self._lock:
+            if len(self._texts) >= self._cfg["text_queue_size"]:
+                self._texts.popleft()
+                self._counters["text_dropped"] += 1
+                self.get_logger().warn("caption queue full: dropped the oldest caption", throttle_duration_sec=5.0)
+            self._texts.append((text, self.get_clock().now().nanoseconds))
+            self._counters["text_received"] += 1
+            self._lock.notify_all()
+
+    def _reject(self, what: str, reason: str) -> None:
+        """Count a rejected input; log each distinct reason once (then only count), so a flood of bad
+        input cannot flood the log."""
+        self._counters[f"{what}_rejected"] += 1
+        key = f"{what}:{reason}"
+        if key not in self._rejections and len(self._rejections) < 1000:
+            self._rejections.add(key)
+            self.get_logger().warn(f"rejected {what}: {reason}")
+
+    # ------------------------------------------------------------------ worker
+    def _work_loop(self) -> None:
+        while True:
+            with self._lock:
+                job = None
+                while job is None and not self._stopping:
+                    job = self._next_job()
+                    if job is None:
+                        self._lock.wait(timeout=self._idle_wait_s())
+                if self._stopping:
+                    return
+            try:
+                job()
+            except Exception as exc:  # a bug must not kill the worker silently
+                self._counters["worker_errors"] += 1
+                self.get_logger().error(f"worker error: {type(exc).__name__}: {exc}")
+
+    def _idle_wait_s(self) -> float:
+        rate = self._cfg["describe_rate_hz"]
+        if rate <= 0:
+            return 0.1
+        return max(0.0, min(0.1, (self._next_describe_ns - time.monotonic_ns()) / 1e9))
+
+    def _next_job(self):
+        """Pick the next piece of work (called with the lock held). Captions come first: they are
+        what the store must never lose; descriptions take the latest frame only."""
+        if self._texts:
+            text, t_ns = self._texts[0]
+            frame = self._nearest_frame(t_ns)
+            tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
+            if frame is not None:
+                self._texts.popleft()
+                return lambda: self._store_episode(text, frame, "caption")
+            waited = self.get_clock().now().nanoseconds - t_ns
+            if waited > tol_ns:
+                self._texts.popleft()
+                self._reject("text", f"no camera frame within pair_tolerance_s={self._cfg['pair_tolerance_s']} "
+                                     "of the caption")
+                return None
+        if not self._frames or self._frames[-1].seq == self._last_described_seq:
+            return None
+        frame = self._frames[-1]
+        now = time.monotonic_ns()
+        rate = self._cfg["describe_rate_hz"]
+        due = rate > 0 and now >= self._next_describe_ns
+        if due:
+            self._next_describe_ns = now + int(1e9 / rate)
+            self._last_described_seq = frame.seq
+            return lambda: self._describe(frame)
+        if self._cfg["scene_change_threshold"] > 0:
+            self._last_described_seq = frame.seq
+            return lambda: self._describe_if_changed(frame)
+        return None
+
+    def _nearest_frame(self, t_ns: int) -> Frame | None:
+        tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
+        best = min(self._frames, key=lambda f: abs(f.recv_ns - t_ns), default=None)
+        if best is None or abs(best.recv_ns - t_ns) > tol_ns:
+            return None
+        # A frame after the caption may still come closer: wait for it while it can.
+        if best is self._frames[-1] and best.recv_ns < t_ns and self.get_clock().now().nanoseconds - t_ns < min(
+                tol_ns, t_ns - best.recv_ns):
+            return None
+        return best
+
+    def _store_episode(self, caption: str, frame: Frame, source: str, code=None) -> None:
+        t0 = time.monotonic()
+        if code is None:
+            code = self._runtime.embed_frame(frame.rgb)
+        episode = self._runtime.encode_episode(code, caption)
+        before = self._runtime.memory_state()
+        self._runtime.write_memory(episode.q)
+        try:
+            ep_id = self._store.add_episode(
+                stamp_ns=frame.stamp_ns, caption=caption, source=source, embedding=episode.embedding,
+                thumbnail_jpeg=make_thumbnail(frame.thumbnail, max_side=self._cfg["thumbnail_size"]),
+                memory_state=self._runtime.memory_state())
+        except StoreError as exc:
+            self._runtime.load_memory_state(before)  # RAM must not hold a write the store does not
+            self._counters["store_errors"] += 1
+            self.get_logger().error(f"episode not stored ({exc}); memory and store unchanged")
+            return
+        self._counters[f"episodes_{source}"] += 1
+        self._lat_episode.add(time.monotonic() - t0)
+        # The acknowledgement line is what the reliability tests hold the store to.
+        self.get_logger().info(f"episode {ep_id} committed [{source}]: {caption[:80]!r}")
+        msg = Episode(id=ep_id, caption=caption, source=source, score=1.0)
+        msg.stamp = frame.header.stamp
+        msg.thumbnail.header = frame.header
+        msg.thumbnail.format = "jpeg"
+        self._episode_pub.publish(msg)
+
+    def _describe_if_changed(self, frame: Frame) -> None:
+        code = self._runtime.embed_frame(frame.rgb)
+        scene = self._runtime.scene_vector(code)
+        if self._last_scene is not None and 1.0 - float(scene @ self._last_scene) <= self._cfg["scene_change_threshold"]:
+            return
+        self._describe(frame, code)
+
+    def _describe(self, frame: Frame, code=None) -> None:
+        if code is None:
+            code = self._runtime.embed_frame(frame.rgb)
+        self._last_scene = self._runtime.scene_vector(code)
+        self._stream_id += 1
+        text, index, first = "", 0, None
+        for token_id, delta in self._runtime.describe(code, max_new_tokens=self._cfg["max_new_tokens"],
+                                                       temperature=self._cfg["temperature"], top_k=self._cfg["top_k"]):
+            text += delta
+            self._desc_pub.publish(Description(header=frame.header, stream_id=self._stream_id, token_index=index,
+                                               token_id=int(token_id), text_delta=delta, text=text, is_final=False))
+            if first is None:
+                first = self.get_clock().now().nanoseconds
+                self._lat_first.add((first - frame.recv_ns) / 1e9)
+            index += 1
+        self._desc_pub.publish(Description(header=frame.header, stream_id=self._stream_id, token_index=index,
+                                           token_id=-1, text_delta="", text=text, is_final=True))
+        self._final_pub.publish(String(data=text))
+        self._lat_final.add((self.get_clock().now().nanoseconds - frame.recv_ns) / 1e9)
+        self._counters["descriptions"] += 1
+        if self._cfg["store_descriptions"] and text.strip():
+            self._store_episode(text.strip(), frame, "description", code)
+
+    # ------------------------------------------------------------------ services
+    def on_query_memory(self, req: QueryMemory.Request, resp: QueryMemory.Response) -> QueryMemory.Response:
+        try:
+            return self._query_memory(req, resp)
+        except Exception as exc:  # a bug in one request must not take the executor (and node) down
+            self._counters["worker_errors"] += 1
+            self.get_logger().error(f"query failed: {type(exc).__name__}: {exc}")
+            return QueryMemory.Response(success=False, message=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _query_memory(self, req: QueryMemory.Request, resp: QueryMemory.Response) -> QueryMemory.Response:
+        self._counters["queries"] += 1
+        t0 = time.monotonic()
+        problem = self._check_query(req)
+        if problem:
+            self._counters["queries_rejected"] += 1
+            resp.success, resp.message = False, problem
+            self.get_logger().warn(f"rejected query: {problem}")
+            return resp
+        code = None
+        if len(req.image.data):
+            try:
+                code = self._runtime.embed_frame(image_to_rgb8(req.image))
+            except ImageConversionError as exc:
+                resp.success, resp.message = False, f"query image: {exc}"
+                return resp
+        emb = self._runtime.embed_query(req.text or None, code)
+        start = _stamp_ns(req.start) or None
+        end = _stamp_ns(req.end) or None
+        try:
+            hits = self._store.query(emb, int(req.k), start_ns=start, end_ns=end)
+        except StoreError as exc:
+            resp.success, resp.message = False, f"store: {exc}"
+            return resp
+        for ep, score in hits:
+            m = Episode(id=ep.id, caption=ep.caption, source=ep.source, score=float(score))
+            m.stamp.sec, m.stamp.nanosec = divmod(ep.stamp_ns, 1_000_000_000)
+            m.thumbnail.format = "jpeg"
+            m.thumbnail.header.stamp = m.stamp
+            m.thumbnail.data = ep.thumbnail_jpeg
+            resp.episodes.append(m)
+        if req.generate_answer:
+            resp.answer = self._runtime.answer(req.text or None, code, max_new_tokens=self._cfg["answer_max_new_tokens"])
+        resp.success = True
+        resp.message = f"{len(resp.episodes)} of {self._store.count()} episodes in {1e3 * (time.monotonic() - t0):.1f} ms"
+        return resp
+
+    def _check_query(self, req: QueryMemory.Request) -> str | None:
+        if not 1 <= req.k <= self._cfg["max_query_k"]:
+            return f"k must be in [1, {self._cfg['max_query_k']}], got {req.k}"
+        if len(req.text) > self._cfg["max_query_chars"]:
+            return f"text of {len(req.text)} characters exceeds max_query_chars={self._cfg['max_query_chars']}"
+        if not req.text.strip() and not len(req.image.data):
+            return "empty query: give text, an image, or both"
+        start, end = _stamp_ns(req.start), _stamp_ns(req.end)
+        if start and end and start > end:
+            return f"time window inverted: start {start} ns > end {end} ns"
+        return None
+
+    def on_save_memory(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        try:
+            self._store.put_memory_state(self._runtime.memory_state())
+            self._store.checkpoint()
+        except StoreError as exc:
+            resp.success, resp.message = False, str(exc)
+            return resp
+        resp.success, resp.message = True, f"saved {self._store.count()} episodes and the memory state"
+        return resp
+
+    def on_clear_memory(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        try:
+            before = self._runtime.memory_state()
+            self._runtime.reset_memory()
+            try:
+                self._store.clear()
+            except StoreError:
+                self._runtime.load_memory_state(before)
+                raise
+        except StoreError as exc:
+            resp.success, resp.message = False, str(exc)
+            return resp
+        resp.success, resp.message = True, "episodic memory cleared"
+        self.get_logger().info("episodic memory cleared")
+        return resp
+
+    # ------------------------------------------------------------------ parameters and diagnostics
+    def on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        for p in parameters:
+            if p.name not in P.BY_NAME:
+                continue
+            if not P.BY_NAME[p.name].runtime:
+                return SetParametersResult(successful=False,
+                                           reason=f"{p.name} cannot change while running (restart the node)")
+            why = P.check(p.name, p.value)
+            if why:
+                return SetParametersResult(successful=False, reason=why)
+        with self._lock:
+            for p in parameters:
+                if p.name in P.BY_NAME:
+                    self._cfg[p.name] = p.value
+            self._next_describe_ns = 0
+            self._lock.notify_all()
+        if any(p.name == "diagnostics_rate_hz" for p in parameters):
+            self._reset_diag_timer()
+        return SetParametersResult(successful=True)
+
+    def _reset_diag_timer(self) -> None:
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = None
+        if self._cfg["diagnostics_rate_hz"] > 0:
+            self._diag_timer = self.create_timer(1.0 / self._cfg["diagnostics_rate_hz"], self.on_diagnostics_timer)
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            s = {k: float(v) for k, v in self._counters.items()}
+            s["text_queue"] = float(len(self._texts))
+            s["frame_history"] = float(len(self._frames))
+        s["episodes_stored"] = float(self._store.count())
+        s["memory_writes"] = float(self._runtime.memory_writes)
+        for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode)):
+            s[f"{name}_latency_p50_s"] = pct.get(50)
+            s[f"{name}_latency_p95_s"] = pct.get(95)
+        try:
+            import psutil
+            s["rss_mb"] = psutil.Process().memory_info().rss / 2**20
+        except ImportError:
+            pass
+        return s
+
+    def on_diagnostics_timer(self) -> None:
+        s = self.stats()
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: bitmar", hardware_id="bitmar",
+                                  level=DiagnosticStatus.OK, message="running")
+        if s.get("worker_errors", 0) or s.get("store_errors", 0):
+            status.level, status.message = DiagnosticStatus.WARN, "errors occurred (see log)"
+        status.values = [KeyValue(key=k, value=f"{v:.6g}") for k, v in sorted(s.items())]
+        arr = DiagnosticArray(status=[status])
+        arr.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(arr)
+
+    def shutdown(self) -> None:
+        """Stop the worker, then persist the memory state (reads changed its usage) and close."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        self._worker.join(timeout=30)
+        try:
+            self._store.put_memory_state(self._runtime.memory_state())
+        except StoreError as exc:
+            self.get_logger().error(f"memory state not saved at shutdown: {exc}")
+        self._store.close()
+
+
+def main(args=None) -> None:
+    rclpy.init(args=args)
+    try:
+        node = BitMarNode()
+    except StartupError as exc:
+        print(f"[bitmar_node] error: {exc}", file=sys.stderr, flush=True)
+        rclpy.try_shutdown()
+        sys.exit(exc.exit_code)
+    executor = MultiThreadedExecutor(num_threads=3)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.shutdown()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
