@@ -233,3 +233,30 @@ def test_corrupt_checkpoint_and_store_give_clear_errors_and_stay_untouched(check
     r = _start_fails(checkpoint, store)
     assert r.returncode == 1 and "store" in r.stderr
     assert hashlib.sha256(db.read_bytes()).hexdigest() == digest
+
+
+def test_compressed_camera_input(checkpoint, tmp_path):
+    """use_compressed: JPEG/PNG frames on image/compressed pair with captions like raw ones."""
+    from bitmar_ros.image_conversion import rgb8_to_compressed
+    from sensor_msgs.msg import CompressedImage
+
+    h = Harness()
+    node = NodeProcess(checkpoint, tmp_path / "store", "use_compressed:=true", "describe_rate_hz:=0.0")
+    try:
+        pub = h.node.create_publisher(CompressedImage, "image/compressed", 10)
+        h.wait(lambda: pub.get_subscription_count() > 0 and h.text_pub.get_subscription_count() > 0, 60,
+               "the node's compressed-image subscription")
+        for i, fmt in enumerate(("png", "jpeg")):
+            rgb, caption = scene_frame(70 + i)
+            msg = rgb8_to_compressed(rgb, fmt=fmt)
+            msg.header.stamp = h.node.get_clock().now().to_msg()
+            pub.publish(msg)
+            h.text_pub.publish(String(data=caption))
+            h.wait(lambda: len(h.episodes) > i, 60, f"episode from a {fmt} frame")
+            assert h.episodes[i].caption == caption
+        pub.publish(CompressedImage(format="jpeg", data=b"\xff\xd8 not really a jpeg"))
+        h.wait(lambda: "rejected frame" in node.output(), 30, "a logged rejection of undecodable bytes")
+        assert node.alive()
+    finally:
+        node.stop()
+        h.close()
