@@ -67,3 +67,12 @@ def test_replayed_bag_becomes_episodes_descriptions_and_answers(bag, tmp_path):
     finally:
         node.stop()
         h.close()
+
+
+def test_bundled_demo_bag_is_what_the_generator_makes(tmp_path):
+    """data/demo_bag is committed for the README's main command; it must not drift from its generator."""
+    from bitmar_ros.bag_tools import make_demo_bag
+
+    fresh = make_demo_bag(tmp_path / "demo_bag")
+    for name in ("demo_bag.mcap", "metadata.yaml", "scenes.jsonl"):
+        assert (fresh / name).read_bytes() == (REPO / "data" / "demo_bag" / name).read_bytes(), name
