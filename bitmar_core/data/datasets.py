@@ -285,7 +285,9 @@ class MixedBatches:
             text, vision = row["caption"], row["vision"]
         else:
             text, vision = self.text_data[index], None
-        ids = tokenize(self.tokenizer, text, self.max_tokens, self.eos_id)
+        # No eos: BitMar.forward frames every decoder sequence as [eos] + ids + [eos] itself, and
+        # the text encoder sees the caption as the runtime encodes it (without one).
+        ids = tokenize(self.tokenizer, text, self.max_tokens, self.eos_id, append_eos=False)
         return {"input_ids": ids, "vision": vision}
 
     def __iter__(self) -> Iterator[dict]:
