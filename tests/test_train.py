@@ -1,0 +1,218 @@
+"""bitmar-train end to end on a tiny model and a handful of generated scenes: the loss goes down,
+checkpoints reload exactly, a resumed run continues bit-for-bit, torchrun keeps ranks in sync."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from bitmar_core.checkpoint import load_checkpoint
+from bitmar_core.data.datasets import ImageCaptionDataset, TextCorpus
+from bitmar_core.tokenizer import GPT2Tokenizer
+from bitmar_core.train import (ShardedBatches, build_optimizer, flatten_state, load_recipe, main, scene_cache,
+                               unflatten_state)
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = dict(d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, mlp_ratio=2, max_text_len=64,
+                  vision_hidden=16, memory_slots=8, memory_dim=16, n_fusion_queries=2, sink_tokens=2, window=30,
+                  tie_embeddings=True)
+TEXT = ("The quick brown fox jumps over the lazy dog.\n\nA robot reads the scene and remembers what it saw.\n\n"
+        "Ternary weights take one of three values.\n\nMemory slots are written softly and read by content.\n")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """8 train and 4 validation scenes with real EfficientNet-Lite0 features (built once)."""
+    d = tmp_path_factory.mktemp("scene_cache")
+    scene_cache(d, 8, "train")
+    scene_cache(d, 4, "validation")
+    return d
+
+
+def write_recipe(path: Path, cache_dir: Path, **sections) -> Path:
+    text_file = path.parent / "corpus.txt"
+    text_file.write_text(TEXT)
+    recipe = {
+        "model": dict(TINY_MODEL),
+        "data": {"cache_dir": str(cache_dir), "scenes": {"n": 8}, "text": str(text_file), "image_fraction": 0.75,
+                 "caption_max_tokens": 48, "text_max_tokens": 16, "val_scenes": 4, "val_batches": 1,
+                 "probe_size": 4, "bucket_batches": 2},
+        "train": {"steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0, "t0": 100, "log_every": 1,
+                  "eval_every": 2, "save_every": 2, "num_threads": 1},
+        "controller": {"min_steps": 1},
+    }
+    for k, v in sections.items():
+        recipe[k].update(v)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_overfits_a_repeated_batch_and_the_checkpoint_reloads_exactly(tmp_path, cache_dir):
+    # 4 scenes, batch 4, captions only: every step sees the same 4 pairs (in another order).
+    cfg = write_recipe(tmp_path / "r.yaml", cache_dir,
+                       data={"scenes": {"n": 8}, "image_fraction": 1.0, "bucket_batches": 1},
+                       train={"steps": 12, "lr": 1e-2, "batch_size": 8, "eval_every": 100, "save_every": 100})
+    run = tmp_path / "run"
+    assert main(["--config", str(cfg), "--run-dir", str(run)]) == 0
+    rows = metrics(run)
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    lm = [float(r["lm"]) for r in rows]
+    assert lm[-1] < lm[0] - 1.0, lm  # starts at ln(50257) ≈ 10.8
+    assert abs(lm[0] - math.log(50257)) < 0.3
+
+    # The packed deployable file and the FP32 training checkpoint give the same logits.
+    packed = load_checkpoint(run / "model_packed.safetensors")
+    fp32 = load_checkpoint(run / "checkpoint" / "model.safetensors")
+    ids = torch.tensor([GPT2Tokenizer().encode("There is a red circle in the top left.")])
+    with torch.no_grad():
+        assert torch.equal(packed.decode(ids), fp32.decode(ids))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["packed_bytes"] == (run / "model_packed.safetensors").stat().st_size
+    assert 0.0 < summary["zero_fraction"] < 1.0
+    for name in ("memory_activations.png", "zero_fraction.png", "losses.png"):
+        assert (run / name).stat().st_size > 1000, name
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, cache_dir):
+    cfg = write_recipe(tmp_path / "r.yaml", cache_dir, model={"vision_dropout": 0.1},
+                       train={"steps": 5, "save_every": 3, "eval_every": 2})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["--config", str(cfg), "--run-dir", str(straight)]) == 0
+    assert main(["--config", str(cfg), "--run-dir", str(resumed), "--steps", "3"]) == 0
+    state = json.loads((resumed / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and state["data"]["pending"]  # a half-used bucket pool was saved
+    assert main(["--run-dir", str(resumed), "--resume", str(resumed / "checkpoint"), "--steps", "5"]) == 0
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b] == ["1", "2", "3", "4", "5"]
+    for step in (3, 4):  # step 4 is the first after the resume
+        for key in ("loss", "lm", "cm", "mem", "similarity"):
+            assert float(b[step][key]) == pytest.approx(float(a[step][key]), rel=1e-6, abs=1e-7), (step + 1, key)
+    pa = load_checkpoint(straight / "checkpoint" / "model.safetensors").state_dict()
+    pb = load_checkpoint(resumed / "checkpoint" / "model.safetensors").state_dict()
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-7) for k in pa)
+
+
+def test_optimizer_state_flattens_to_tensors_and_json():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    tensors = {}
+    meta = json.loads(json.dumps(flatten_state("optimizer", opt.state_dict(), tensors)))
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    back = unflatten_state(meta, tensors)
+    ref = opt.state_dict()
+    assert back["param_groups"] == ref["param_groups"]
+    assert set(back["state"]) == set(ref["state"])
+    for i, s in ref["state"].items():
+        for k, v in s.items():
+            assert torch.equal(back["state"][i][k], v)
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(back)  # integer keys survive the JSON round trip
+
+
+def test_auto_optimizer_is_torch_adamw_on_cpu(tiny_model):
+    recipe = load_recipe(None, ["train.weight_decay=0.1"])
+    opt = build_optimizer(tiny_model, recipe["train"], torch.device("cpu"))
+    assert type(opt) is torch.optim.AdamW
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(tiny_model.decoder.layers[0].attn.qkv.weight) in decayed
+    assert id(tiny_model.wte.weight) not in decayed and id(tiny_model.memory.M0) not in decayed
+
+
+class _Chars:
+    """A stand-in tokenizer: one id per character (so lengths are easy to reason about)."""
+
+    def encode(self, text):
+        return [ord(c) % 1000 for c in text]
+
+
+def test_shards_partition_the_single_process_batch(cache_dir):
+    images = ImageCaptionDataset(scene_cache(cache_dir, 8, "train") / "captions.jsonl")
+    text = TextCorpus(["short", "a somewhat longer line of text", "mid length text"])
+    single = ShardedBatches(images, text, _Chars(), 6, 0.5, seed=3, bucket=2)
+    ranks = [ShardedBatches(images, text, _Chars(), 6, 0.5, seed=3, rank=r, world=2, bucket=2) for r in (0, 1)]
+    for _ in range(5):
+        full = next(single)
+        parts = [next(r) for r in ranks]
+        for r, part in enumerate(parts):
+            n = part["input_ids"].shape[1]
+            assert torch.equal(part["input_ids"], full["input_ids"][r::2, :n])
+            assert torch.equal(part["vision"], full["vision"][r::2])
+            assert torch.equal(part["has_vision"], full["has_vision"][r::2])
+
+
+def test_bucketing_cuts_padding_and_resumes_mid_pool(cache_dir):
+    images = ImageCaptionDataset(scene_cache(cache_dir, 8, "train") / "captions.jsonl")
+    text = TextCorpus(["x" * n for n in (5, 40, 80, 120, 10, 60)])
+
+    def padding(bucket):
+        b = ShardedBatches(images, text, _Chars(), 4, 0.5, seed=0, bucket=bucket, caption_max_tokens=500,
+                           text_max_tokens=500)
+        batches = [next(b) for _ in range(32)]
+        return sum(int((x["attention_mask"] == 0).sum()) for x in batches)
+
+    assert padding(8) < 0.6 * padding(1)
+    a = ShardedBatches(images, text, _Chars(), 4, 0.5, seed=0, bucket=8)
+    for _ in range(3):
+        next(a)
+    state = json.loads(json.dumps(a.state_dict()))
+    b = ShardedBatches(images, text, _Chars(), 4, 0.5, seed=0, bucket=8)
+    b.load_state_dict(state)
+    for _ in range(10):
+        x, y = next(a), next(b)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {learning_rate: 1e-3}\n")
+    with pytest.raises(ValueError, match="train.learning_rate"):
+        load_recipe(bad)
+    with pytest.raises(ValueError, match="n_layers"):
+        load_recipe(None, ["model.n_layers=3"])
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_shipped_recipes_load():
+    default = load_recipe(REPO / "config" / "train_default.yaml")
+    paper = load_recipe(REPO / "config" / "train_paper.yaml")
+    assert default["model"]["tie_embeddings"] is True
+    assert paper["train"]["lr"] == 2e-4 and paper["train"]["batch_size"] == 64 and paper["train"]["grad_accum"] == 2
+    assert (paper["train"]["t0"], paper["train"]["t_mult"], paper["train"]["min_lr_ratio"]) == (1000, 2, 0.1)
+    assert paper["train"]["precision"] == "fp16" and paper["train"]["optimizer"] == "auto"
+    assert paper["data"]["image_fraction"] == 0.5
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_stay_identical(tmp_path, cache_dir):
+    cfg = write_recipe(tmp_path / "r.yaml", cache_dir, train={"steps": 3, "save_every": 3})
+    run = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "bitmar_core.train",
+                           "--config", str(cfg), "--run-dir", str(run)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sums = [json.loads((run / f"checksum_rank{r}.json").read_text()) for r in (0, 1)]
+    assert sums[0]["checksum"] == sums[1]["checksum"]
+    assert all(math.isfinite(s["loss"]["loss"]) for s in sums if s["loss"]) and sums[0]["loss"]
+    rows = metrics(run)
+    assert len(rows) == 3 and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert json.loads((run / "summary.json").read_text())["world"] == 2
