@@ -22,6 +22,9 @@ import array
 import numpy as np
 
 MAX_SIDE = 8192  # pixels per side; larger images are refused as corrupt or hostile
+# Pixels a compressed image may decode to (4096², beyond 4K video): OpenCV allocates the whole
+# buffer before it finds a lying header out, so a 1 KB file claiming 8192² would cost 200 MB.
+MAX_COMPRESSED_PIXELS = 4096 * 4096
 MAX_STEP = MAX_SIDE * 16  # bytes per row: the widest encoding (4 bytes/pixel) with ample padding
 MAX_COMPRESSED_BYTES = 64 * 1024 * 1024
 
@@ -194,6 +197,9 @@ def compressed_to_rgb8(msg) -> np.ndarray:
     if size is not None:  # refuse decompression bombs before decoding
         _dimension("width (in the compressed header)", size[0])
         _dimension("height (in the compressed header)", size[1])
+        if size[0] * size[1] > MAX_COMPRESSED_PIXELS:
+            raise ImageConversionError(f"data: the compressed header claims {size[0]}x{size[1]} pixels; "
+                                       f"expected at most {MAX_COMPRESSED_PIXELS} pixels")
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as e:

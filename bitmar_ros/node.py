@@ -37,6 +37,7 @@ from bitmar_ros.srv import QueryMemory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT_NAME = "bitmar_default.safetensors"
+MAX_LOGGED_REASONS = 1000  # distinct rejection reasons logged before the node only counts them
 
 
 class StartupError(Exception):
@@ -193,9 +194,18 @@ class BitMarNode(Node):
                                "(the store was left untouched)") from exc
 
     def _restore_memory(self) -> None:
-        state = self._store.memory_state()
+        try:
+            state = self._store.memory_state()
+        except StoreError as exc:  # garbled memory_state rows: refuse to start, like a garbled store
+            raise StartupError(f"memory state in '{self._store_dir}' is unreadable: {exc} "
+                               "(the store was left untouched)") from exc
         if state is None:
             return
+        # NaN/inf in M would poison every later read and description without any error.
+        bad = sorted(k for k, v in state.items() if v.dtype.kind == "f" and not np.isfinite(v).all())
+        if bad:
+            raise StartupError(f"memory state in '{self._store_dir}' holds non-finite values in {bad} "
+                               "(expected finite numbers; the store was left untouched)")
         try:
             self._runtime.load_memory_state(state)
         except (RuntimeError_, ValueError) as exc:
@@ -253,9 +263,12 @@ class BitMarNode(Node):
         input cannot flood the log."""
         self._counters[f"{what}_rejected"] += 1
         key = f"{what}:{reason}"
-        if key not in self._rejections and len(self._rejections) < 1000:
+        if key not in self._rejections and len(self._rejections) < MAX_LOGGED_REASONS:
             self._rejections.add(key)
             self.get_logger().warn(f"rejected {what}: {reason}")
+            if len(self._rejections) == MAX_LOGGED_REASONS:
+                self.get_logger().warn(f"{MAX_LOGGED_REASONS} distinct rejection reasons logged; further "
+                                       "rejections are only counted (see /diagnostics *_rejected)")
 
     # ------------------------------------------------------------------ worker
     def _work_loop(self) -> None:
@@ -532,7 +545,18 @@ class BitMarNode(Node):
         self._store.close()
 
 
+def _return_large_frees_to_the_os() -> None:
+    """glibc keeps freed heap blocks; buffers ≥ 1 MB (frames, a hostile image's decode buffer)
+    are mmap-ed instead, so they go back to the OS and the node's RSS stays flat over days."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main(args=None) -> None:
+    _return_large_frees_to_the_os()
     rclpy.init(args=args)
     try:
         node = BitMarNode()

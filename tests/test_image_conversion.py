@@ -369,3 +369,17 @@ def test_property_converts_or_raises_conversion_error(encoding, height, width, s
     channels = ENCODINGS[encoding][1]
     assert pixels.shape == ((height, width) if channels == 1 else (height, width, channels))
     assert image_to_rgb8(msg).shape == (height, width, 3)
+
+
+def test_compressed_header_claiming_too_many_pixels_is_refused_before_decoding():
+    """A 1 KB PNG whose IHDR claims 5000×5000 (each side within MAX_SIDE, the area not) is refused
+    from its header, so OpenCV never allocates the 75 MB it claims."""
+    from bitmar_ros.image_conversion import MAX_COMPRESSED_PIXELS
+
+    ok, png = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))
+    data = bytearray(png.tobytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", 5000, 5000)
+    assert 5000 * 5000 > MAX_COMPRESSED_PIXELS
+    with pytest.raises(ImageConversionError, match="claims 5000x5000"):
+        compressed_to_rgb8(CompressedImage(format="png", data=bytes(data)))
