@@ -202,7 +202,8 @@ def session_captions(model, tokenizer, cond: torch.Tensor, max_new_tokens: int) 
     """Runtime-style: one decoder session describes every frame in turn (the stream continues and
     its positions clamp at S+W−1 once long). → (captions, final stream position)."""
     session = DecoderSession(model, tokenizer)
-    texts = [tokenizer.decode(session.generate([model.config.eos_id], cond[b:b + 1], max_new_tokens))
+    eos = model.config.eos_id
+    texts = [tokenizer.decode(session.generate(session.separator(eos), cond[b:b + 1], max_new_tokens))
              for b in range(cond.shape[0])]
     return texts, session.position
 

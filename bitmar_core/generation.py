@@ -41,6 +41,13 @@ class DecoderSession:
         """Stream index of the next token that will be fed."""
         return self.caches[0].length + len(self._pending)
 
+    def separator(self, eos_id: int) -> list[int]:
+        """The prompt that starts the next text: [eos], unless the stream already ends with the eos
+        that closed the previous one. Training frames each text as [eos] text [eos], so a narrating
+        stream must read text1 eos text2 eos — a second eos in a row would be a context (eos eos)
+        that never occurs in training."""
+        return [] if self._pending == [eos_id] else [eos_id]
+
     def reset(self) -> None:
         for c in self.caches:
             c.reset()

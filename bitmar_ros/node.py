@@ -376,7 +376,8 @@ class BitMarNode(Node):
         self._stream_id += 1
         text, index, first = "", 0, None
         for token_id, delta in self._runtime.describe(code, max_new_tokens=self._cfg["max_new_tokens"],
-                                                       temperature=self._cfg["temperature"], top_k=self._cfg["top_k"]):
+                                                       temperature=self._cfg["temperature"], top_k=self._cfg["top_k"],
+                                                       continue_session=self._cfg["continue_session"]):
             text += delta
             self._desc_pub.publish(Description(header=frame.header, stream_id=self._stream_id, token_index=index,
                                                token_id=int(token_id), text_delta=delta, text=text, is_final=False))

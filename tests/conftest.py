@@ -39,3 +39,7 @@ def tiny_batch(tiny_config) -> dict:
     return {"input_ids": ids, "attention_mask": mask,
             "vision": torch.randn(4, tiny_config.vision_feature_dim, 3, 3, generator=g),
             "has_vision": torch.tensor([True, True, True, False])}
+
+# launch_testing files are run by `launch_test` on a robot (tests/launch/), not collected here:
+# `launch` is not installable from PyPI.
+collect_ignore = ["launch"]

@@ -31,7 +31,7 @@ def world(checkpoint, tmp_path_factory):
     """One node and one harness for the module; the store outlives node restarts."""
     store = tmp_path_factory.mktemp("store") / "bitmar"
     h = Harness()
-    node = NodeProcess(checkpoint, store, "describe_rate_hz:=0.0", "pair_tolerance_s:=2.0")
+    node = NodeProcess(checkpoint, store, "describe_rate_hz:=0.0", "pair_tolerance_s:=2.0", "continue_session:=true")
     h.wait_connected(node)
     state = {"h": h, "node": node, "store": store, "checkpoint": checkpoint, "frames": {}}
     yield state

@@ -2,7 +2,7 @@
 
 Starts bitmar.launch.py with a temp store, waits for the query service, stores one episode from a
 published frame + caption and checks the query returns it. Not collected by pytest here (the
-file name is excluded in tests/launch/conftest.py): launch_testing is not installable from PyPI.
+directory is excluded in tests/conftest.py): launch_testing is not installable from PyPI.
 """
 import os
 import tempfile
