@@ -67,19 +67,21 @@ def test_separator_puts_exactly_one_eos_between_texts(tiny_model):
     """A narrating session reads [eos] t1 [eos] t2 [eos] ...: after a text closed by eos the next
     prompt is empty, after one cut by max_new_tokens it is [eos]; either way the stream equals one
     uncached generation over exactly the tokens fed."""
-    cond = torch.randn(1, 64)
-    # The token this model says first serves as "eos" for the closing case: every text then ends at once.
-    closing = generate(tiny_model, [tiny_model.config.eos_id], cond, 1, eos_id=NO_EOS)[0]
-    for eos, closed in ((closing, True), (NO_EOS, False)):
+    eos = tiny_model.config.eos_id
+    seen = {"closed": 0, "cut": 0}
+    for seed in range(4):
+        cond = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed))
+        # Stop on the token this model favours after eos, so that both endings occur.
+        stop = generate(tiny_model, [eos], cond, 1, eos_id=NO_EOS)[0]
         session = DecoderSession(tiny_model)
-        assert session.separator(eos) == [eos]  # a fresh stream starts with eos
         stream: list[int] = []
-        for i in range(3):
-            prompt = session.separator(eos)
-            assert prompt == ([] if closed and i else [eos])
-            before = stream + prompt
-            out = session.generate(prompt, cond, max_new_tokens=3, eos_id=eos)
-            assert out == generate(tiny_model, before, cond, 3, eos_id=eos, use_cache=False)
-            assert (len(out) < 3) == closed
-            stream = before + out + ([eos] if closed else [])
-        assert session.position == len(stream)  # the last token (the closing eos, if any) is pending
+        for _ in range(4):
+            prompt = session.separator(stop)
+            assert prompt == ([] if stream and stream[-1] == stop else [stop])
+            out = session.generate(prompt, cond, max_new_tokens=3, eos_id=stop)
+            assert out == generate(tiny_model, stream + prompt, cond, 3, eos_id=stop, use_cache=False)
+            closed = len(out) < 3
+            seen["closed" if closed else "cut"] += 1
+            stream = stream + prompt + out + ([stop] if closed else [])
+        assert session.position == len(stream)  # a closing stop token is pending, fed by the next call
+    assert seen["closed"] and seen["cut"], seen

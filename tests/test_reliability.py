@@ -205,7 +205,7 @@ class Publisher:
         return rc
 
 
-def _wait_acked(h: Harness, node: NodeProcess, captions: list[str], timeout_s: float = 120) -> None:
+def _wait_acked(h: Harness, node: NodeProcess, captions: list[str], timeout_s: float = 300) -> None:
     want = {c[:80] for c in captions}
 
     def done() -> bool:
