@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .backbones import build_backbone
 from .checkpoint import CheckpointError, load_checkpoint
+from .fast import FastDecoder
 from .generation import DecoderSession
 from .model import BitMar
 from .tokenizer import GPT2Tokenizer, default_tokenizer
@@ -61,7 +62,7 @@ class BitMarRuntime:
                                 f"vision path expects {model.config.vision_feature_dim}-D")
         self._lock = threading.RLock()
         self._memory = model.memory.new_state()
-        self._session = DecoderSession(model, self.tokenizer)
+        self._session = DecoderSession(FastDecoder(model), self.tokenizer)  # bit-identical, packed head
         self._generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -167,13 +168,16 @@ class BitMarRuntime:
         M_r = self._memory.read(q)[0] if self.model.config.memory_enabled else torch.zeros_like(q)
         return self.model.condition(q, M_r)
 
-    def describe(self, code: FrameCode, max_new_tokens: int = 24, temperature: float = 0.0,
-                 top_k: int = 0) -> Iterator[tuple[int, str]]:
-        """Stream (token_id, text_delta) of a description of ``code``, continuing the one decoder
-        session (attention sinks + window) that every description of this runtime shares."""
+    def describe(self, code: FrameCode, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, continue_session: bool = True) -> Iterator[tuple[int, str]]:
+        """Stream (token_id, text_delta) of a description of ``code``. With ``continue_session`` it
+        continues the one decoder session (attention sinks + window) that every description of this
+        runtime shares; without, the session starts afresh (for checkpoints trained on single texts)."""
         with self._lock:
+            if not continue_session:
+                self._session.reset()
             cond = self._cond(code.q_scene)
-            it = self._session.stream([self.model.config.eos_id], cond, max_new_tokens, temperature,
+            it = self._session.stream(self._session.separator(self.model.config.eos_id), cond, max_new_tokens, temperature,
                                       top_k or None, generator=self._generator)
         while True:
             with self._lock:
@@ -195,7 +199,7 @@ class BitMarRuntime:
                 q = self.model.fuse(None, None, V)
             M_r = self._memory.read(q, touch=False)[0] if self.model.config.memory_enabled else torch.zeros_like(q)
             cond = self.model.condition(q, M_r)
-            out = DecoderSession(self.model, self.tokenizer).generate([self.model.config.eos_id], cond, max_new_tokens)
+            out = DecoderSession(self._session.model, self.tokenizer).generate([self.model.config.eos_id], cond, max_new_tokens)
         return self.tokenizer.decode(out)
 
     @property

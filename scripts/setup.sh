@@ -61,4 +61,11 @@ if [ ! -f "$cfg_stamp" ] || [ "$(cat "$cfg_stamp")" != "$cfg_want" ]; then
 fi
 cmake --build "$BUILD" -j2 >"$ROOT/build/build.log" 2>&1 || { tail -50 "$ROOT/build/build.log"; exit 1; }
 cmake --install "$BUILD" >"$ROOT/build/install.log" 2>&1 || { tail -50 "$ROOT/build/install.log"; exit 1; }
+# --- fast decoder extension (bitmar_core/fast.py, csrc/bitmar_fast.cpp) ---------------------------
+# The C++ decode step, compiled against this venv's torch into $VENV/lib/bitmar_fast (~1 min the
+# first time, nothing while csrc/ and torch are unchanged). Without it FastDecoder uses its PyTorch step.
+if ! (cd "$ROOT" && "$VENV/bin/python" -m bitmar_core.fast --build >"$ROOT/build/fast_ext.log" 2>&1); then
+  log "fast decoder extension not built (build/fast_ext.log); FastDecoder will use its PyTorch step"
+fi
+# --- end fast decoder extension --------------------------------------------------------------------
 log "ready in $(( $(date +%s) - t0 )) s: $VENV"
