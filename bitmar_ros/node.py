@@ -546,18 +546,7 @@ class BitMarNode(Node):
         self._store.close()
 
 
-def _return_large_frees_to_the_os() -> None:
-    """glibc keeps freed heap blocks; buffers ≥ 1 MB (frames, a hostile image's decode buffer)
-    are mmap-ed instead, so they go back to the OS and the node's RSS stays flat over days."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def main(args=None) -> None:
-    _return_large_frees_to_the_os()
     rclpy.init(args=args)
     try:
         node = BitMarNode()
