@@ -43,14 +43,10 @@ def write_tiny_checkpoint(path: Path, **overrides) -> Path:
     return path
 
 
-class NodeProcess:
-    """The node as a child process with its stdout collected line by line (acks, warnings)."""
+class ChildProcess:
+    """A child OS process (ROS environment, repo on PYTHONPATH) whose output is collected line by line."""
 
-    def __init__(self, checkpoint: Path, store_dir: Path, *params: str, name: str = "bitmar") -> None:
-        args = [sys.executable, NODE_EXE, "--ros-args", "-r", f"__node:={name}",
-                "-p", f"checkpoint:={checkpoint}", "-p", f"store_dir:={store_dir}"]
-        for p in params:
-            args += ["-p", p]
+    def __init__(self, args: list[str]) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=child_env(), cwd=str(REPO))
@@ -60,6 +56,17 @@ class NodeProcess:
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
+
+
+class NodeProcess(ChildProcess):
+    """The node as a child process with its stdout collected line by line (acks, warnings)."""
+
+    def __init__(self, checkpoint: Path, store_dir: Path, *params: str, name: str = "bitmar") -> None:
+        args = [sys.executable, NODE_EXE, "--ros-args", "-r", f"__node:={name}",
+                "-p", f"checkpoint:={checkpoint}", "-p", f"store_dir:={store_dir}"]
+        for p in params:
+            args += ["-p", p]
+        super().__init__(args)
 
     def output(self) -> str:
         return "\n".join(self.lines)

@@ -22,7 +22,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -36,7 +35,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import ros_helpers  # noqa: F401  (ROS environment first)
-from node_harness import Harness, NodeProcess, write_tiny_checkpoint
+from node_harness import ChildProcess, Harness, NodeProcess, write_tiny_checkpoint
 from ros_helpers import REPO, child_env, wait_for
 
 from builtin_interfaces.msg import Time
@@ -157,7 +156,7 @@ def check_store(store_dir: Path, checkpoint: Path, acked: dict[int, str], copy_t
         return count
 
 
-class Publisher:
+class Publisher(ChildProcess):
     """tests/helpers/reliability_publisher.py as a child process; collects the captions it sent."""
 
     def __init__(self, prefix: str, **opts) -> None:
@@ -165,15 +164,7 @@ class Publisher:
         for k, v in opts.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         self.prefix = prefix
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=child_env(), cwd=str(REPO))
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+        super().__init__(args)
 
     def captions(self) -> list[str]:
         return [line.split(" ", 2)[2] for line in list(self.lines) if line.startswith("caption ")]
