@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -184,6 +185,9 @@ class BitMarRuntime:
                 item = next(it, None)
             if item is None:
                 return
+            # Python locks are not fair: without giving up the GIL here this loop takes the lock back
+            # at once and a query waiting in another thread starves until the description ends.
+            time.sleep(0)
             yield item
 
     @torch.no_grad()
