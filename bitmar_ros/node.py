@@ -33,6 +33,7 @@ from bitmar_core.store import EpisodeStore, StoreError, StoreWriteError, make_th
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode
+from bitmar_ros.pairing import CaptionQueue
 from bitmar_ros.srv import QueryMemory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +104,8 @@ class BitMarNode(Node):
         self._lat_first = _Percentiles()
         self._lat_final = _Percentiles()
         self._lat_episode = _Percentiles()
-        self._frames: collections.deque[Frame] = collections.deque(maxlen=self._cfg["frame_history"])
-        self._texts: collections.deque[tuple[str, int]] = collections.deque()
+        self._latest: Frame | None = None  # descriptions take the newest frame only
+        self._texts: CaptionQueue[Frame] = CaptionQueue(self._cfg["text_queue_size"])
         self._frame_seq = 0
         self._last_described_seq = -1
         self._last_scene: np.ndarray | None = None
@@ -234,9 +235,10 @@ class BitMarNode(Node):
                            interpolation=cv2.INTER_AREA) if scale < 1 else np.array(rgb)
         with self._lock:
             self._frame_seq += 1
-            if self._frames and self._frames[-1].seq > self._last_described_seq:
+            if self._latest is not None and self._latest.seq > self._last_described_seq:
                 self._counters["frames_skipped"] += 1  # superseded before being described: latest-frame policy
-            self._frames.append(Frame(self._frame_seq, _stamp_ns(msg.header.stamp), recv_ns, msg.header, small, thumb))
+            self._latest = Frame(self._frame_seq, _stamp_ns(msg.header.stamp), recv_ns, msg.header, small, thumb)
+            self._texts.on_frame(self._latest)
             self._counters["frames_received"] += 1
             self._lock.notify_all()
 
@@ -250,11 +252,10 @@ class BitMarNode(Node):
             self._reject("text", f"caption of {n_bytes} bytes exceeds max_text_bytes={self._cfg['max_text_bytes']}")
             return
         with self._lock:
-            if len(self._texts) >= self._cfg["text_queue_size"]:
-                self._texts.popleft()
+            # Paired with the frames around its arrival now, not when the worker gets to it.
+            if self._texts.add(text, self.get_clock().now().nanoseconds, self._latest) is not None:
                 self._counters["text_dropped"] += 1
                 self.get_logger().warn("caption queue full: dropped the oldest caption", throttle_duration_sec=5.0)
-            self._texts.append((text, self.get_clock().now().nanoseconds))
             self._counters["text_received"] += 1
             self._lock.notify_all()
 
@@ -296,22 +297,16 @@ class BitMarNode(Node):
     def _next_job(self):
         """Pick the next piece of work (called with the lock held). Captions come first: they are
         what the store must never lose; descriptions take the latest frame only."""
-        if self._texts:
-            text, t_ns = self._texts[0]
-            frame = self._nearest_frame(t_ns)
-            tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
+        tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
+        while (ready := self._texts.pop_ready(self.get_clock().now().nanoseconds, tol_ns)) is not None:
+            caption, frame = ready
             if frame is not None:
-                self._texts.popleft()
-                return lambda: self._store_episode(text, frame, "caption")
-            waited = self.get_clock().now().nanoseconds - t_ns
-            if waited > tol_ns:
-                self._texts.popleft()
-                self._reject("text", f"no camera frame within pair_tolerance_s={self._cfg['pair_tolerance_s']} "
-                                     "of the caption")
-                return None
-        if not self._frames or self._frames[-1].seq == self._last_described_seq:
+                return lambda: self._store_episode(caption.text, frame, "caption")
+            self._reject("text", f"no camera frame within pair_tolerance_s={self._cfg['pair_tolerance_s']} "
+                                 "of the caption")
+        frame = self._latest
+        if frame is None or frame.seq == self._last_described_seq:
             return None
-        frame = self._frames[-1]
         now = time.monotonic_ns()
         rate = self._cfg["describe_rate_hz"]
         due = rate > 0 and now >= self._next_describe_ns
@@ -323,17 +318,6 @@ class BitMarNode(Node):
             self._last_described_seq = frame.seq
             return lambda: self._describe_if_changed(frame)
         return None
-
-    def _nearest_frame(self, t_ns: int) -> Frame | None:
-        tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
-        best = min(self._frames, key=lambda f: abs(f.recv_ns - t_ns), default=None)
-        if best is None or abs(best.recv_ns - t_ns) > tol_ns:
-            return None
-        # A frame after the caption may still come closer: wait for it while it can.
-        if best is self._frames[-1] and best.recv_ns < t_ns and self.get_clock().now().nanoseconds - t_ns < min(
-                tol_ns, t_ns - best.recv_ns):
-            return None
-        return best
 
     def _store_episode(self, caption: str, frame: Frame, source: str, code=None) -> None:
         t0 = time.monotonic()
@@ -509,7 +493,6 @@ class BitMarNode(Node):
         with self._lock:
             s = {k: float(v) for k, v in self._counters.items()}
             s["text_queue"] = float(len(self._texts))
-            s["frame_history"] = float(len(self._frames))
         s["episodes_stored"] = float(self._store.count())
         s["memory_writes"] = float(self._runtime.memory_writes)
         for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode)):

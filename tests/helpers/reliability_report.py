@@ -23,7 +23,6 @@ ROWS = (  # key, label
     ("load_episodes_stored", "episodes stored (each caption exactly once)"),
     ("load_episodes_lost", "captions lost"),
     ("load_max_text_queue", "largest caption queue seen (bound 64)"),
-    ("load_max_frame_history", "largest frame history seen (bound 90)"),
     ("load_queries", "queries answered under load"),
     ("load_query_p50_ms", "query latency p50 (ms)"),
     ("load_query_p99_ms", "query latency p99 (ms)"),

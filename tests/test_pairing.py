@@ -1,0 +1,95 @@
+"""CaptionQueue: each caption gets the frame nearest to its arrival however late the worker is.
+
+The reference is brute force over every frame of the run, including frames that arrive after the
+worker has decided: a decision is only correct if no frame, ever, was nearer.
+"""
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitmar_ros.pairing import CaptionQueue
+
+
+@dataclass(frozen=True)
+class F:
+    recv_ns: int
+    n: int
+
+
+def _nearest(frames: list[F], t_ns: int, tol_ns: int) -> int | None:
+    """Distance to the nearest frame of the whole run within tolerance (None: there is none)."""
+    d = [abs(f.recv_ns - t_ns) for f in frames if abs(f.recv_ns - t_ns) <= tol_ns]
+    return min(d) if d else None
+
+
+events = st.lists(st.tuples(st.sampled_from(["frame", "caption", "poll"]), st.integers(0, 400)), max_size=120)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=events, tol_ns=st.integers(0, 300))
+def test_pairs_each_caption_with_the_nearest_frame_of_the_whole_run(events, tol_ns):
+    # Events in time order (frames before captions at the same instant, as the node's serialised
+    # callbacks would see one of them first); polls are the worker, at arbitrary times: late or early.
+    t, timeline = 0, []
+    for kind, gap in events:
+        t += gap
+        timeline.append((t, kind))
+    q: CaptionQueue[F] = CaptionQueue(maxlen=10_000)
+    frames, captions, decided, latest = [], [], [], None
+    for now, kind in timeline:
+        if kind == "frame":
+            latest = F(now, len(frames))
+            frames.append(latest)
+            q.on_frame(latest)
+        elif kind == "caption":
+            captions.append((f"c{len(captions)}", now))
+            assert q.add(captions[-1][0], now, latest) is None
+        else:
+            while (r := q.pop_ready(now, tol_ns)) is not None:
+                decided.append((r[0].text, r[0].t_ns, r[1], now))
+    end = (timeline[-1][0] if timeline else 0) + tol_ns + 1
+    while (r := q.pop_ready(end, tol_ns)) is not None:
+        decided.append((r[0].text, r[0].t_ns, r[1], end))
+    assert len(q) == 0
+    assert [(c, t) for c, t, _, _ in decided] == captions  # each once, in order
+    for text, t_ns, frame, at in decided:
+        want = _nearest(frames, t_ns, tol_ns)
+        got = None if frame is None else abs(frame.recv_ns - t_ns)
+        assert got == want, (text, t_ns, frame, at, frames)
+        assert frame is None or frame.recv_ns <= at  # never a frame from the future
+
+
+def test_a_late_worker_still_gets_the_frame_that_was_current_at_arrival():
+    """The failure this replaces: with a 90-frame history, a worker 5 s behind at 30 Hz found no
+    frame within tolerance of an old caption and rejected it."""
+    q: CaptionQueue[F] = CaptionQueue(maxlen=64)
+    ms = 1_000_000
+    frame = F(1000 * ms, 0)
+    q.add("a red cube", 1010 * ms, frame)
+    for i in range(1, 300):  # 10 s of 30 Hz camera after the caption
+        q.on_frame(F(1000 * ms + i * 33 * ms, i))
+    caption, paired = q.pop_ready(11_000 * ms, tol_ns=1000 * ms)
+    assert caption.text == "a red cube" and paired == frame  # 10 ms before beats 23 ms after
+
+
+def test_waits_only_while_a_later_frame_could_still_be_nearer():
+    q: CaptionQueue[F] = CaptionQueue(maxlen=4)
+    before = F(90, 0)
+    q.add("x", 100, before)
+    assert q.pop_ready(105, tol_ns=50) is None      # a frame at 101..109 would be nearer than 90
+    assert q.pop_ready(110, tol_ns=50)[1] == before  # from now on no frame can beat it
+    q.add("y", 200, None)                            # no frame at all yet
+    assert q.pop_ready(250, tol_ns=50) is None
+    caption, frame = q.pop_ready(251, tol_ns=50)
+    assert caption.text == "y" and frame is None     # the node rejects it, with the reason
+
+
+def test_a_full_queue_drops_the_oldest_caption_and_says_which():
+    q: CaptionQueue[F] = CaptionQueue(maxlen=2)
+    assert q.add("a", 1, None) is None and q.add("b", 2, None) is None
+    dropped = q.add("c", 3, None)
+    assert dropped.text == "a" and len(q) == 2
+    with pytest.raises(ValueError, match="caption queue size"):
+        CaptionQueue(maxlen=0)
