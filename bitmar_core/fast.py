@@ -314,16 +314,10 @@ class FastDecoder:
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (1,T,d); a tied model's rows of β·T come from the packed head."""
-        if not self._tied:
-            return self.model.wte(ids)
-        head = self.decoder.head
-        if isinstance(head, PackedBitLinear):
-            rows = head.weight_packed[ids.reshape(-1)]
-            emb = unpack_ternary(rows, head.in_features).float() * head.weight_scale
-        else:
-            t, beta = head.quantized_weight()
-            emb = t[ids.reshape(-1)] * beta
-        return emb.view(*ids.shape, -1)
+        if not self._tied or isinstance(self.decoder.head, PackedBitLinear):
+            return self.model.wte(ids)  # a packed tied head gathers and unpacks the rows only
+        t, beta = self.decoder.head.quantized_weight()
+        return (t[ids.reshape(-1)] * beta).view(*ids.shape, -1)
 
     def _torch_step(self, ids: torch.Tensor, cond: torch.Tensor | None, caches) -> torch.Tensor:
         """One token with the reference's op sequence (bit-identical), minus its Python overhead."""

@@ -20,7 +20,7 @@ from .config import BitMarConfig
 from .decoder import Decoder, SinkKVCache
 from .fusion import CrossModalFusion
 from .memory import EpisodicMemory, delta_penalty
-from .quant import PackedBitLinear, ste
+from .quant import PackedBitLinear, ste, unpack_ternary
 from .text_encoder import TextEncoder
 from .vision import VisionCompressor
 
@@ -29,7 +29,8 @@ class TiedEmbedding(nn.Module):
     """Token embedding read from the decoder head's ternary weight: row i of β·T (`tie_embeddings`).
 
     Owns no parameters (the head is saved once, under decoder.head); training reaches the head's
-    latent weight through the straight-through estimator, a packed head is unpacked once (cached)."""
+    latent weight through the straight-through estimator; a packed head gives the rows looked up
+    (or its FP32 cache, when the head itself has already unpacked one)."""
 
     def __init__(self, decoder: Decoder):
         super().__init__()
@@ -46,6 +47,12 @@ class TiedEmbedding(nn.Module):
         return ste(head.weight.float(), t * beta)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self._decoder[0].head
+        if isinstance(head, PackedBitLinear) and head._w_cache is None:
+            # Unpack only the rows asked for: the same β·T values, without materialising the
+            # 25.7 MB FP32 head in a node that never needs the whole of it (FastDecoder decodes).
+            rows = unpack_ternary(head.weight_packed[ids.reshape(-1)], head.in_features).float() * head.weight_scale
+            return rows.view(*ids.shape, -1)
         return F.embedding(ids, self.weight)
 
 

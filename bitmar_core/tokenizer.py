@@ -8,7 +8,6 @@ from __future__ import annotations
 import codecs
 import functools
 import importlib.resources
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -49,8 +48,9 @@ class GPT2Tokenizer:
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([EOT])
         self._tok = tok
-        self._id_to_token = {i: t for t, i in json.loads(vocab_path.read_text(encoding="utf-8")).items()}
-        self.vocab_size = len(self._id_to_token)
+        # id → token string comes from the BPE model itself: a Python dict of the 50k tokens would
+        # add ~11 MB to every node's RSS for the same answers.
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._tok.token_to_id(EOT)
 
     def encode(self, text: str) -> list[int]:
@@ -64,7 +64,7 @@ class GPT2Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (may be part of a UTF-8 character)."""
-        tok = self._id_to_token.get(int(token_id))
+        tok = self._tok.id_to_token(int(token_id)) if 0 <= int(token_id) < self.vocab_size else None
         if tok is None:
             raise ValueError(f"GPT2Tokenizer: token id {token_id} outside [0, {self.vocab_size})")
         if tok == EOT:

@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -106,11 +107,35 @@ def typestore_for(msgtypes: Iterable[str]) -> Typestore:
 
 # --------------------------------------------------------------------------- rclpy plumbing
 
+# Set by SIGINT/SIGTERM in the command-line tools; their loops poll it. A signal handler that
+# raised KeyboardInterrupt could land inside rclpy (an executor mid-task), and its shutdown then
+# waits for that task forever (the recorder was seen to hang on Ctrl-C under load).
+_STOP = threading.Event()
+_CLI_SIGNALS = {"installed": False}
+
+
+def _stop_on_signals() -> None:
+    """Command-line tools: Ctrl-C and SIGTERM (how a launch system stops nodes) end the loops at
+    their next poll (<= 0.1 s), so the bag is finalised and the process exits 0."""
+    def on_signal(signum, frame):
+        _STOP.set()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    _CLI_SIGNALS["installed"] = True
+
+
+def _stopping(ctx) -> bool:
+    return _STOP.is_set() or not ctx.ok()
+
+
 def _start_node(name: str, ros_args: Sequence[str] | None):
     import rclpy
     from rclpy.context import Context
+    from rclpy.signals import SignalHandlerOptions
     ctx = Context()
-    rclpy.init(args=list(ros_args) if ros_args else None, context=ctx)
+    # Under the command-line tools our handlers alone see the signals (no rclpy handler to race).
+    opts = SignalHandlerOptions.NO if _CLI_SIGNALS["installed"] else SignalHandlerOptions.ALL
+    rclpy.init(args=list(ros_args) if ros_args else None, context=ctx, signal_handler_options=opts)
     return ctx, rclpy.create_node(name, context=ctx)
 
 
@@ -130,7 +155,7 @@ def _qos(reliable: bool, depth: int, transient_local: bool = False):
 def _wait(predicate: Callable[[], bool], ctx, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
-        if not ctx.ok():
+        if _stopping(ctx):
             raise KeyboardInterrupt
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
@@ -202,7 +227,7 @@ def replay(bag_path: str | Path, rate: float = 1.0, topics: Sequence[str] | None
                 time.sleep(start_delay_s)
 
             pubs = {cid: by_topic[t][1] for cid, t in out_topic.items()}
-            while ctx.ok():
+            while not _stopping(ctx):
                 _play_once(reader, conns, pubs, out_topic, counts, rate, clock, clock_rate_hz, ctx)
                 if not loop:
                     break
@@ -236,7 +261,7 @@ def _play_once(reader, conns, pubs, out_topic, counts, rate, clock, clock_rate_h
     for conn, ts, raw in reader.messages(connections=conns):
         due = t0 + (ts - start_ns) / 1e9 / rate
         while True:
-            if not ctx.ok():
+            if _stopping(ctx):
                 raise KeyboardInterrupt
             now = time.monotonic()
             if now >= due:
@@ -244,7 +269,7 @@ def _play_once(reader, conns, pubs, out_topic, counts, rate, clock, clock_rate_h
             if now >= next_tick:
                 publish_clock(start_ns + (now - t0) * rate * 1e9)
                 next_tick = now + tick_s
-            time.sleep(min(due, next_tick) - now)
+            time.sleep(min(due, next_tick, now + 0.1) - now)  # polls the stop flag
         if clock is not None:
             publish_clock(ts)
         pubs[conn.id].publish(bytes(raw))
@@ -335,7 +360,7 @@ def record(out_path: str | Path, topics: Sequence[str], duration_s: float | None
         executor.add_node(node)
         deadline = math.inf if duration_s is None else time.monotonic() + duration_s
         try:
-            while ctx.ok() and not state["done"]:
+            while not _stopping(ctx) and not state["done"]:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -343,7 +368,7 @@ def record(out_path: str | Path, topics: Sequence[str], duration_s: float | None
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:
-            executor.shutdown()
+            executor.shutdown(timeout_sec=5.0)
     finally:
         if writer is not None:
             writer.close()
@@ -467,14 +492,6 @@ def _split_ros_args(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _interrupt_on_sigterm() -> None:
-    # A launch system stops nodes with SIGINT, then SIGTERM: treat both like Ctrl-C so the bag
-    # is finalised. Installed before rclpy.init, whose own handlers chain to this one.
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
 def _parse_remap(items: Sequence[str]) -> dict[str, str]:
     remap = {}
     for item in items:
@@ -488,7 +505,7 @@ def _parse_remap(items: Sequence[str]) -> dict[str, str]:
 def replay_main(argv: Sequence[str] | None = None) -> None:
     """``bitmar_bag_replay BAG [--rate R] [--topics ...] [--remap old:=new ...] [--no-clock]
     [--wait-for-subscribers [TOPIC ...]] [--loop] [--ros-args ...]``"""
-    _interrupt_on_sigterm()
+    _stop_on_signals()
     args, ros_args = _split_ros_args(argv)
     p = argparse.ArgumentParser(prog="bitmar_bag_replay", description="Replay a rosbag2 into live topics.")
     p.add_argument("bag")
@@ -520,7 +537,7 @@ def replay_main(argv: Sequence[str] | None = None) -> None:
 
 def record_main(argv: Sequence[str] | None = None) -> None:
     """``bitmar_bag_record OUT --topics a b [--duration S] [--count N] [--storage mcap|sqlite3]``"""
-    _interrupt_on_sigterm()
+    _stop_on_signals()
     args, ros_args = _split_ros_args(argv)
     p = argparse.ArgumentParser(prog="bitmar_bag_record", description="Record live topics into a rosbag2.")
     p.add_argument("out")
