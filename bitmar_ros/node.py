@@ -23,6 +23,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.subscription import MessageInfo
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -39,6 +40,7 @@ from bitmar_ros.srv import QueryMemory
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT_NAME = "bitmar_default.safetensors"
 MAX_LOGGED_REASONS = 1000  # distinct rejection reasons logged before the node only counts them
+RECENT_FRAMES = 8  # > the camera QoS depth (5): frames the executor may hold back behind a caption
 
 
 class StartupError(Exception):
@@ -54,7 +56,7 @@ class Frame:
     """A converted camera frame, already resized to the backbone's input size."""
     seq: int
     stamp_ns: int            # header stamp of the camera message
-    recv_ns: int             # node clock at reception (what captions are paired against)
+    recv_ns: int             # middleware reception time, system clock (what captions are paired against)
     header: object
     rgb: np.ndarray          # (H, W, 3) uint8 at the model's input size
     thumbnail: np.ndarray    # small copy of the frame for the store
@@ -73,6 +75,12 @@ def default_checkpoint() -> str:
         if c.is_file():
             return str(c)
     return str(candidates[-1])
+
+
+def _received_ns(info: MessageInfo) -> int:
+    """When the middleware received the message (system clock): the executor may run callbacks
+    late and out of order, so their own run time says little about what arrived when."""
+    return int(info.get("received_timestamp") or 0) or time.time_ns()
 
 
 def _stamp_ns(stamp) -> int:
@@ -104,7 +112,10 @@ class BitMarNode(Node):
         self._lat_first = _Percentiles()
         self._lat_final = _Percentiles()
         self._lat_episode = _Percentiles()
+        self._lat_caption = _Percentiles()
         self._latest: Frame | None = None  # descriptions take the newest frame only
+        # The newest few frames handled, for captions whose callback runs after a frame received later.
+        self._recent: collections.deque[Frame] = collections.deque(maxlen=RECENT_FRAMES)
         self._texts: CaptionQueue[Frame] = CaptionQueue(self._cfg["text_queue_size"])
         self._frame_seq = 0
         self._last_described_seq = -1
@@ -120,14 +131,15 @@ class BitMarNode(Node):
         qos = QoSProfile(depth=self._cfg["qos_depth"], history=HistoryPolicy.KEEP_LAST,
                          reliability=(ReliabilityPolicy.BEST_EFFORT if self._cfg["qos_reliability"] == "best_effort"
                                       else ReliabilityPolicy.RELIABLE))
-        inputs = MutuallyExclusiveCallbackGroup()
-        services = MutuallyExclusiveCallbackGroup()
+        # One group each: in a shared one the executor always finds a new frame ready first, and a
+        # caption's callback can wait seconds behind a 30 Hz camera.
+        camera, captions, services = (MutuallyExclusiveCallbackGroup() for _ in range(3))
         if self._cfg["use_compressed"]:
             self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self.on_compressed_image,
-                                                       qos, callback_group=inputs)
+                                                       qos, callback_group=camera)
         else:
-            self._image_sub = self.create_subscription(Image, "image", self.on_image, qos, callback_group=inputs)
-        self._text_sub = self.create_subscription(String, "text", self.on_text, 50, callback_group=inputs)
+            self._image_sub = self.create_subscription(Image, "image", self.on_image, qos, callback_group=camera)
+        self._text_sub = self.create_subscription(String, "text", self.on_text, 50, callback_group=captions)
         self._desc_pub = self.create_publisher(Description, "description_stream", 100)
         self._final_pub = self.create_publisher(String, "description", 10)
         self._episode_pub = self.create_publisher(Episode, "episodes", 10)
@@ -214,14 +226,13 @@ class BitMarNode(Node):
         self.get_logger().info(f"restored episodic memory ({self._runtime.memory_writes} writes)")
 
     # ------------------------------------------------------------------ callbacks (never block on the model)
-    def on_image(self, msg: Image) -> None:
-        self._accept_frame(msg, image_to_rgb8)
+    def on_image(self, msg: Image, info: MessageInfo) -> None:
+        self._accept_frame(msg, _received_ns(info), image_to_rgb8)
 
-    def on_compressed_image(self, msg: CompressedImage) -> None:
-        self._accept_frame(msg, compressed_to_rgb8)
+    def on_compressed_image(self, msg: CompressedImage, info: MessageInfo) -> None:
+        self._accept_frame(msg, _received_ns(info), compressed_to_rgb8)
 
-    def _accept_frame(self, msg, convert) -> None:
-        recv_ns = self.get_clock().now().nanoseconds
+    def _accept_frame(self, msg, recv_ns: int, convert) -> None:
         try:
             rgb = convert(msg)
         except ImageConversionError as exc:
@@ -238,11 +249,13 @@ class BitMarNode(Node):
             if self._latest is not None and self._latest.seq > self._last_described_seq:
                 self._counters["frames_skipped"] += 1  # superseded before being described: latest-frame policy
             self._latest = Frame(self._frame_seq, _stamp_ns(msg.header.stamp), recv_ns, msg.header, small, thumb)
+            self._recent.append(self._latest)
             self._texts.on_frame(self._latest)
             self._counters["frames_received"] += 1
             self._lock.notify_all()
 
-    def on_text(self, msg: String) -> None:
+    def on_text(self, msg: String, info: MessageInfo) -> None:
+        t_ns = _received_ns(info)
         text = msg.data
         n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
         if not text.strip():
@@ -253,7 +266,7 @@ class BitMarNode(Node):
             return
         with self._lock:
             # Paired with the frames around its arrival now, not when the worker gets to it.
-            if self._texts.add(text, self.get_clock().now().nanoseconds, self._latest) is not None:
+            if self._texts.add(text, t_ns, self._recent) is not None:
                 self._counters["text_dropped"] += 1
                 self.get_logger().warn("caption queue full: dropped the oldest caption", throttle_duration_sec=5.0)
             self._counters["text_received"] += 1
@@ -298,10 +311,10 @@ class BitMarNode(Node):
         """Pick the next piece of work (called with the lock held). Captions come first: they are
         what the store must never lose; descriptions take the latest frame only."""
         tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
-        while (ready := self._texts.pop_ready(self.get_clock().now().nanoseconds, tol_ns)) is not None:
+        while (ready := self._texts.pop_ready(time.time_ns(), tol_ns)) is not None:
             caption, frame = ready
             if frame is not None:
-                return lambda: self._store_episode(caption.text, frame, "caption")
+                return lambda: self._store_episode(caption.text, frame, "caption", received_ns=caption.t_ns)
             self._reject("text", f"no camera frame within pair_tolerance_s={self._cfg['pair_tolerance_s']} "
                                  "of the caption")
         frame = self._latest
@@ -319,7 +332,7 @@ class BitMarNode(Node):
             return lambda: self._describe_if_changed(frame)
         return None
 
-    def _store_episode(self, caption: str, frame: Frame, source: str, code=None) -> None:
+    def _store_episode(self, caption: str, frame: Frame, source: str, code=None, received_ns: int = 0) -> None:
         t0 = time.monotonic()
         if code is None:
             code = self._runtime.embed_frame(frame.rgb)
@@ -338,6 +351,8 @@ class BitMarNode(Node):
             return
         self._counters[f"episodes_{source}"] += 1
         self._lat_episode.add(time.monotonic() - t0)
+        if received_ns:
+            self._lat_caption.add((time.time_ns() - received_ns) / 1e9)  # waiting in the queue included
         # The acknowledgement line is what the reliability tests hold the store to.
         self.get_logger().info(f"episode {ep_id} committed [{source}]: {caption[:80]!r}")
         msg = Episode(id=ep_id, caption=caption, source=source, score=1.0)
@@ -366,13 +381,13 @@ class BitMarNode(Node):
             self._desc_pub.publish(Description(header=frame.header, stream_id=self._stream_id, token_index=index,
                                                token_id=int(token_id), text_delta=delta, text=text, is_final=False))
             if first is None:
-                first = self.get_clock().now().nanoseconds
+                first = time.time_ns()
                 self._lat_first.add((first - frame.recv_ns) / 1e9)
             index += 1
         self._desc_pub.publish(Description(header=frame.header, stream_id=self._stream_id, token_index=index,
                                            token_id=-1, text_delta="", text=text, is_final=True))
         self._final_pub.publish(String(data=text))
-        self._lat_final.add((self.get_clock().now().nanoseconds - frame.recv_ns) / 1e9)
+        self._lat_final.add((time.time_ns() - frame.recv_ns) / 1e9)
         self._counters["descriptions"] += 1
         if self._cfg["store_descriptions"] and text.strip():
             self._store_episode(text.strip(), frame, "description", code)
@@ -495,7 +510,8 @@ class BitMarNode(Node):
             s["text_queue"] = float(len(self._texts))
         s["episodes_stored"] = float(self._store.count())
         s["memory_writes"] = float(self._runtime.memory_writes)
-        for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode)):
+        for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode),
+                          ("caption_to_commit", self._lat_caption)):
             s[f"{name}_latency_p50_s"] = pct.get(50)
             s[f"{name}_latency_p95_s"] = pct.get(95)
         try:
@@ -537,7 +553,7 @@ def main(args=None) -> None:
         print(f"[bitmar_node] error: {exc}", file=sys.stderr, flush=True)
         rclpy.try_shutdown()
         sys.exit(exc.exit_code)
-    executor = MultiThreadedExecutor(num_threads=3)
+    executor = MultiThreadedExecutor(num_threads=4)  # camera, captions, services, timers
     executor.add_node(node)
     try:
         executor.spin()

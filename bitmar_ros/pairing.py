@@ -1,8 +1,10 @@
 """Pairing captions with camera frames at arrival time.
 
 A caption means "this is what the camera sees now", so its episode pairs it with the frame nearest
-to its arrival: the newest frame when it came in, or the first frame after it, whichever is closer
-(within ``pair_tolerance_s``). Both candidates are pinned to the caption the moment they exist, in
+to its arrival: the last frame received before it or the first one after it, whichever is closer
+(within ``pair_tolerance_s``). Arrival is the middleware's reception time (rmw MessageInfo), not
+the moment a callback runs: the executor may run a waiting caption's callback before an image
+that reached the machine first. Both candidates are pinned to the caption the moment they exist, in
 the callback thread. That makes the pairing independent of how far the model worker is behind:
 under a burst (a 30 Hz camera, 5 Hz captions, queries and 64-token descriptions on two cores) the
 worker may reach a caption seconds later, when a bounded frame history would already have dropped
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Iterable, Protocol, TypeVar
 
 
 class _Stamped(Protocol):
@@ -27,9 +29,9 @@ F = TypeVar("F", bound=_Stamped)
 @dataclass
 class PendingCaption(Generic[F]):
     text: str
-    t_ns: int            # node clock at the caption's arrival
-    before: F | None     # the newest frame when the caption arrived
-    after: F | None = None  # the first frame that arrived after it
+    t_ns: int               # reception time (system clock, ns)
+    before: F | None        # the last frame received at or before t_ns, of those handled so far
+    after: F | None = None  # the first frame received after t_ns, of those handled so far
 
 
 class CaptionQueue(Generic[F]):
@@ -44,19 +46,22 @@ class CaptionQueue(Generic[F]):
     def __len__(self) -> int:
         return len(self._q)
 
-    def add(self, text: str, t_ns: int, latest_frame: F | None) -> PendingCaption[F] | None:
-        """Queue a caption that arrived at ``t_ns``; returns the oldest caption dropped to make room."""
+    def add(self, text: str, t_ns: int, recent_frames: Iterable[F] = ()) -> PendingCaption[F] | None:
+        """Queue a caption received at ``t_ns`` with its candidates among the frames already
+        handled (``recent_frames``: a few of the newest, in any order); returns the oldest caption
+        dropped to make room, if the queue was full."""
+        c: PendingCaption[F] = PendingCaption(text, t_ns, None)
+        for f in recent_frames:
+            _offer(c, f)
         dropped = self._q.popleft() if len(self._q) >= self.maxlen else None
-        self._q.append(PendingCaption(text, t_ns, latest_frame))
+        self._q.append(c)
         return dropped
 
     def on_frame(self, frame: F) -> None:
-        """A frame arrived: it is the 'after' candidate of every queued caption that has none yet.
-        Those form a tail of the queue (captions arrive in order), so this costs O(new captions)."""
-        for c in reversed(self._q):
-            if c.after is not None:
-                break
-            c.after = frame
+        """A frame was handled: it may be a nearer 'after' (or, handled out of order, 'before')
+        candidate of queued captions. O(queue), at most ``maxlen`` comparisons."""
+        for c in self._q:
+            _offer(c, frame)
 
     def pop_ready(self, now_ns: int, tol_ns: int) -> tuple[PendingCaption[F], F | None] | None:
         """The head caption with its nearest frame (None: no frame within ``tol_ns``, reject it), or
@@ -70,3 +75,12 @@ class CaptionQueue(Generic[F]):
         self._q.popleft()
         cands = [f for f in (c.before, c.after) if f is not None and abs(f.recv_ns - c.t_ns) <= tol_ns]
         return c, min(cands, key=lambda f: abs(f.recv_ns - c.t_ns), default=None)
+
+
+def _offer(c: PendingCaption[F], f: F) -> None:
+    """Keep ``f`` if it is nearer on its side of the caption than the candidate so far."""
+    if f.recv_ns <= c.t_ns:
+        if c.before is None or f.recv_ns > c.before.recv_ns:
+            c.before = f
+    elif c.after is None or f.recv_ns < c.after.recv_ns:
+        c.after = f

@@ -76,6 +76,24 @@ def test_efficientnet_is_frozen_and_gives_1280x7x7(effnet):
     torch.testing.assert_close(effnet.encode(img[1]), feats[1:], atol=1e-4, rtol=1e-4)
 
 
+def test_efficientnet_channels_last_gives_the_features_of_the_plain_network(effnet):
+    """The backbone runs NHWC for speed; the reference is the same weights in the library's own
+    NCHW layout."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    ref = EfficientNet.from_name("efficientnet-lite0")
+    ref.load_state_dict(torch.load(backbones.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True))
+    ref.eval()
+    img = np.random.default_rng(5).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    pixels = effnet.preprocess(img)
+    with torch.no_grad():
+        want = ref.extract_features(pixels.contiguous())
+    got = effnet(pixels)
+    assert got.is_contiguous()
+    assert effnet.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_efficientnet_real_weights_classify_photos(effnet):
     feats = effnet.encode([skdata.chelsea(), skdata.coffee()])
     logits = effnet.imagenet_logits(feats)

@@ -37,15 +37,14 @@ def test_pairs_each_caption_with_the_nearest_frame_of_the_whole_run(events, tol_
         t += gap
         timeline.append((t, kind))
     q: CaptionQueue[F] = CaptionQueue(maxlen=10_000)
-    frames, captions, decided, latest = [], [], [], None
+    frames, captions, decided = [], [], []
     for now, kind in timeline:
         if kind == "frame":
-            latest = F(now, len(frames))
-            frames.append(latest)
-            q.on_frame(latest)
+            frames.append(F(now, len(frames)))
+            q.on_frame(frames[-1])
         elif kind == "caption":
             captions.append((f"c{len(captions)}", now))
-            assert q.add(captions[-1][0], now, latest) is None
+            assert q.add(captions[-1][0], now, frames[-3:]) is None
         else:
             while (r := q.pop_ready(now, tol_ns)) is not None:
                 decided.append((r[0].text, r[0].t_ns, r[1], now))
@@ -67,7 +66,7 @@ def test_a_late_worker_still_gets_the_frame_that_was_current_at_arrival():
     q: CaptionQueue[F] = CaptionQueue(maxlen=64)
     ms = 1_000_000
     frame = F(1000 * ms, 0)
-    q.add("a red cube", 1010 * ms, frame)
+    q.add("a red cube", 1010 * ms, [frame])
     for i in range(1, 300):  # 10 s of 30 Hz camera after the caption
         q.on_frame(F(1000 * ms + i * 33 * ms, i))
     caption, paired = q.pop_ready(11_000 * ms, tol_ns=1000 * ms)
@@ -76,11 +75,11 @@ def test_a_late_worker_still_gets_the_frame_that_was_current_at_arrival():
 
 def test_waits_only_while_a_later_frame_could_still_be_nearer():
     q: CaptionQueue[F] = CaptionQueue(maxlen=4)
-    before = F(90, 0)
-    q.add("x", 100, before)
+    before = F(90, 1)
+    q.add("x", 100, [F(60, 0), before])
     assert q.pop_ready(105, tol_ns=50) is None      # a frame at 101..109 would be nearer than 90
     assert q.pop_ready(110, tol_ns=50)[1] == before  # from now on no frame can beat it
-    q.add("y", 200, None)                            # no frame at all yet
+    q.add("y", 200)                                  # no frame at all yet
     assert q.pop_ready(250, tol_ns=50) is None
     caption, frame = q.pop_ready(251, tol_ns=50)
     assert caption.text == "y" and frame is None     # the node rejects it, with the reason
@@ -88,8 +87,19 @@ def test_waits_only_while_a_later_frame_could_still_be_nearer():
 
 def test_a_full_queue_drops_the_oldest_caption_and_says_which():
     q: CaptionQueue[F] = CaptionQueue(maxlen=2)
-    assert q.add("a", 1, None) is None and q.add("b", 2, None) is None
-    dropped = q.add("c", 3, None)
+    assert q.add("a", 1) is None and q.add("b", 2) is None
+    dropped = q.add("c", 3)
     assert dropped.text == "a" and len(q) == 2
     with pytest.raises(ValueError, match="caption queue size"):
         CaptionQueue(maxlen=0)
+
+
+def test_callbacks_out_of_order_still_pair_by_reception_time():
+    """The executor ran the caption (received at 100) after frames received at 95 and 104, and
+    runs the frame received at 99 later still: each candidate is the nearest on its side."""
+    q: CaptionQueue[F] = CaptionQueue(maxlen=4)
+    q.add("z", 100, [F(104, 2), F(95, 0)])
+    q.on_frame(F(99, 1))
+    q.on_frame(F(130, 3))
+    caption, frame = q.pop_ready(100, tol_ns=50)
+    assert frame == F(99, 1) and (caption.before, caption.after) == (F(99, 1), F(104, 2))

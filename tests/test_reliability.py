@@ -203,7 +203,13 @@ def _wait_acked(h: Harness, node: NodeProcess, captions: list[str], timeout_s: f
         if not node.alive():
             raise AssertionError(f"node died:\n{node.output()[-4000:]}")
         return want <= set(acks(node).values())
-    h.wait(done, timeout_s, f"acknowledgement of {len(want)} captions")
+    try:
+        h.wait(done, timeout_s, f"acknowledgement of {len(want)} captions")
+    except TimeoutError:
+        missing = sorted(want - set(acks(node).values()))
+        notes = [line for line in node.output().splitlines() if "WARN" in line or "ERROR" in line]
+        raise AssertionError(f"{len(missing)} of {len(want)} captions never acknowledged, e.g. {missing[:3]}; "
+                             f"node warnings and errors:\n" + "\n".join(notes[-30:])) from None
 
 
 def _stop_all(*things) -> None:
@@ -259,6 +265,7 @@ def test_sustained_camera_and_caption_load(profile, checkpoint, tmp_path):
         frames_received = stat(h, "frames_received")
         queues = stat_values(h, "text_queue")
         text_dropped, text_rejected = stat(h, "text_dropped"), stat(h, "text_rejected")
+        lag = {k: h.latest_stat(k) for k in ("caption_to_commit_latency_p95_s", "final_latency_p95_s", "descriptions")}
         assert node.stop() == 0
         node_output = node.output()
     finally:
@@ -288,6 +295,9 @@ def test_sustained_camera_and_caption_load(profile, checkpoint, tmp_path):
     record(profile, "load_episodes_stored", len(episodes))
     record(profile, "load_episodes_lost", len(set(captions) - {e.caption for e in episodes}))
     record(profile, "load_max_text_queue", max(queues))
+    record(profile, "load_caption_to_commit_p95_ms", round(1e3 * (lag["caption_to_commit_latency_p95_s"] or 0), 1))
+    record(profile, "load_descriptions", int(lag["descriptions"] or 0))
+    record(profile, "load_description_final_p95_ms", round(1e3 * (lag["final_latency_p95_s"] or 0), 1))
     record(profile, "load_queries", len(latencies))
     record(profile, "load_query_p50_ms", round(1e3 * p50, 1))
     record(profile, "load_query_p99_ms", round(1e3 * p99, 1))
