@@ -172,7 +172,9 @@ class MixedSampler:
     `image_fraction`, else 'text'; each source is walked in a fresh permutation every epoch.
 
     `state_dict()` holds the position, the source RNG state and each source's (epoch, cursor),
-    so `load_state_dict` continues exactly where it stopped.
+    so `load_state_dict` continues exactly where it stopped. The mixing ratio is configuration, not
+    state: a resumed run keeps the `image_fraction` it was built with (a resume that changes it, say
+    for a text-heavier second phase, mixes at the new ratio from the next draw on).
     """
 
     def __init__(self, n_image: int, n_text: int, image_fraction: float = 0.5, seed: int = 0):
@@ -218,7 +220,7 @@ class MixedSampler:
     def load_state_dict(self, state: dict) -> None:
         if state["sizes"] != self.sizes:
             raise ValueError(f"sampler state is for data sizes {state['sizes']}, this data has {self.sizes}")
-        self.seed, self.image_fraction = state["seed"], state["image_fraction"]
+        self.seed = state["seed"]
         self.position = state["position"]
         self._rng = np.random.default_rng()
         self._rng.bit_generator.state = state["rng"]
