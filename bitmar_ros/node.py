@@ -40,7 +40,8 @@ from bitmar_ros.srv import QueryMemory
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT_NAME = "bitmar_default.safetensors"
 MAX_LOGGED_REASONS = 1000  # distinct rejection reasons logged before the node only counts them
-RECENT_FRAMES = 8  # > the camera QoS depth (5): frames the executor may hold back behind a caption
+RECENT_FRAMES = 32  # ~1 s at 30 Hz: frames handled before a late caption callback that may pair with it
+CAMERA_LAG_ALLOWANCE_NS = 500_000_000  # a caption waits this much past pair_tolerance_s for a late frame
 
 
 class StartupError(Exception):
@@ -83,6 +84,10 @@ def _received_ns(info: MessageInfo) -> int:
     return int(info.get("received_timestamp") or 0) or time.time_ns()
 
 
+def _gap_s(frame: "Frame | None", t_ns: int) -> str:
+    return "none" if frame is None else f"{abs(frame.recv_ns - t_ns) / 1e9:.3f} s"
+
+
 def _stamp_ns(stamp) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
@@ -113,6 +118,8 @@ class BitMarNode(Node):
         self._lat_final = _Percentiles()
         self._lat_episode = _Percentiles()
         self._lat_caption = _Percentiles()
+        self._lat_camera_cb = _Percentiles()  # reception → callback: how far the executor lags
+        self._lat_text_cb = _Percentiles()
         self._latest: Frame | None = None  # descriptions take the newest frame only
         # The newest few frames handled, for captions whose callback runs after a frame received later.
         self._recent: collections.deque[Frame] = collections.deque(maxlen=RECENT_FRAMES)
@@ -233,6 +240,7 @@ class BitMarNode(Node):
         self._accept_frame(msg, _received_ns(info), compressed_to_rgb8)
 
     def _accept_frame(self, msg, recv_ns: int, convert) -> None:
+        self._lat_camera_cb.add((time.time_ns() - recv_ns) / 1e9)
         try:
             rgb = convert(msg)
         except ImageConversionError as exc:
@@ -256,6 +264,7 @@ class BitMarNode(Node):
 
     def on_text(self, msg: String, info: MessageInfo) -> None:
         t_ns = _received_ns(info)
+        self._lat_text_cb.add((time.time_ns() - t_ns) / 1e9)
         text = msg.data
         n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
         if not text.strip():
@@ -311,12 +320,17 @@ class BitMarNode(Node):
         """Pick the next piece of work (called with the lock held). Captions come first: they are
         what the store must never lose; descriptions take the latest frame only."""
         tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
-        while (ready := self._texts.pop_ready(time.time_ns(), tol_ns)) is not None:
+        wait_ns = tol_ns + max(tol_ns, CAMERA_LAG_ALLOWANCE_NS)
+        while (ready := self._texts.pop_ready(time.time_ns(), tol_ns, wait_ns)) is not None:
             caption, frame = ready
             if frame is not None:
                 return lambda: self._store_episode(caption.text, frame, "caption", received_ns=caption.t_ns)
             self._reject("text", f"no camera frame within pair_tolerance_s={self._cfg['pair_tolerance_s']} "
                                  "of the caption")
+            self._counters["text_unpaired"] += 1
+            self.get_logger().warn(f"unpaired caption {caption.text[:40]!r}: nearest frames "
+                                   f"{_gap_s(caption.before, caption.t_ns)} before, "
+                                   f"{_gap_s(caption.after, caption.t_ns)} after", throttle_duration_sec=1.0)
         frame = self._latest
         if frame is None or frame.seq == self._last_described_seq:
             return None
@@ -511,9 +525,11 @@ class BitMarNode(Node):
         s["episodes_stored"] = float(self._store.count())
         s["memory_writes"] = float(self._runtime.memory_writes)
         for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode),
-                          ("caption_to_commit", self._lat_caption)):
+                          ("caption_to_commit", self._lat_caption), ("camera_callback", self._lat_camera_cb),
+                          ("text_callback", self._lat_text_cb)):
             s[f"{name}_latency_p50_s"] = pct.get(50)
             s[f"{name}_latency_p95_s"] = pct.get(95)
+            s[f"{name}_latency_max_s"] = pct.get(100)
         try:
             import psutil
             s["rss_mb"] = psutil.Process().memory_info().rss / 2**20

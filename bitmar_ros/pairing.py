@@ -63,15 +63,17 @@ class CaptionQueue(Generic[F]):
         for c in self._q:
             _offer(c, frame)
 
-    def pop_ready(self, now_ns: int, tol_ns: int) -> tuple[PendingCaption[F], F | None] | None:
+    def pop_ready(self, now_ns: int, tol_ns: int, wait_ns: int) -> tuple[PendingCaption[F], F | None] | None:
         """The head caption with its nearest frame (None: no frame within ``tol_ns``, reject it), or
-        None while a frame still to come could be nearer than the candidates so far."""
+        None while it waits for its 'after' candidate. It waits for one even when 'before' looks near
+        enough: the camera's callback can run late, and a frame received just after the caption may
+        not have been handled yet. ``wait_ns`` (>= ``tol_ns``) after the caption's reception it
+        decides with what it has: a camera that went silent does not hold the queue up for long."""
         if not self._q:
             return None
         c = self._q[0]
-        waited = now_ns - c.t_ns
-        if c.after is None and waited <= tol_ns and (c.before is None or waited < c.t_ns - c.before.recv_ns):
-            return None  # the next frame may still arrive closer than `before`
+        if c.after is None and now_ns - c.t_ns <= wait_ns:
+            return None
         self._q.popleft()
         cands = [f for f in (c.before, c.after) if f is not None and abs(f.recv_ns - c.t_ns) <= tol_ns]
         return c, min(cands, key=lambda f: abs(f.recv_ns - c.t_ns), default=None)
