@@ -135,6 +135,8 @@ def run(seconds: float, checkpoint: str, max_new_tokens: int = 24) -> dict:
         "first_p50": last.get("first_token_latency_p50_s"), "first_p95": last.get("first_token_latency_p95_s"),
         "final_p50": last.get("final_latency_p50_s"), "final_p95": last.get("final_latency_p95_s"),
         "episode_p95": last.get("episode_latency_p95_s"),
+        "caption_commit_p95": last.get("caption_to_commit_latency_p95_s", float("nan")),
+        "camera_cb_p95": last.get("camera_callback_latency_p95_s", float("nan")),
         "rss_max_mb": max(rss) if rss else float("nan"), "rss_growth_pct": 100 * (warm[-1] / warm[0] - 1) if warm else 0,
         "baseline": base,
     }
@@ -148,6 +150,8 @@ def table(r: dict) -> str:
          f"{ms(b['first_p50'])} / {ms(b['first_p95'])}"),
         ("frame → final description p50 / p95", f"{ms(r['final_p50'])} / {ms(r['final_p95'])}",
          f"{ms(b['final_p50'])} / {ms(b['final_p95'])}"),
+        ("caption received → episode committed p95", ms(r["caption_commit_p95"]), "—"),
+        ("camera frame received → its callback p95", ms(r["camera_cb_p95"]), "—"),
         ("camera frames received / published", f"{r['frames_received']:.0f} / {r['frames_published']}", "—"),
         ("captions stored as episodes / published", f"{r['episodes']:.0f} / {r['captions_published']}", "—"),
         ("caption queue max (bound 64) / dropped", f"{r['text_queue_max']:.0f} / {r['text_dropped']:.0f}", "—"),

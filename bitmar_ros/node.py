@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT_NAME = "bitmar_default.safetensors"
 MAX_LOGGED_REASONS = 1000  # distinct rejection reasons logged before the node only counts them
 RECENT_FRAMES = 32  # ~1 s at 30 Hz: frames handled before a late caption callback that may pair with it
-CAMERA_LAG_ALLOWANCE_NS = 500_000_000  # a caption waits this much past pair_tolerance_s for a late frame
+CAMERA_LAG_ALLOWANCE_NS = 500_000_000  # how late a camera callback may hand over a frame a caption waits for
 
 
 class StartupError(Exception):
@@ -320,8 +320,7 @@ class BitMarNode(Node):
         """Pick the next piece of work (called with the lock held). Captions come first: they are
         what the store must never lose; descriptions take the latest frame only."""
         tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
-        wait_ns = tol_ns + max(tol_ns, CAMERA_LAG_ALLOWANCE_NS)
-        while (ready := self._texts.pop_ready(time.time_ns(), tol_ns, wait_ns)) is not None:
+        while (ready := self._texts.pop_ready(time.time_ns(), tol_ns, CAMERA_LAG_ALLOWANCE_NS)) is not None:
             caption, frame = ready
             if frame is not None:
                 return lambda: self._store_episode(caption.text, frame, "caption", received_ns=caption.t_ns)

@@ -63,17 +63,21 @@ class CaptionQueue(Generic[F]):
         for c in self._q:
             _offer(c, frame)
 
-    def pop_ready(self, now_ns: int, tol_ns: int, wait_ns: int) -> tuple[PendingCaption[F], F | None] | None:
+    def pop_ready(self, now_ns: int, tol_ns: int, lag_ns: int) -> tuple[PendingCaption[F], F | None] | None:
         """The head caption with its nearest frame (None: no frame within ``tol_ns``, reject it), or
-        None while it waits for its 'after' candidate. It waits for one even when 'before' looks near
-        enough: the camera's callback can run late, and a frame received just after the caption may
-        not have been handled yet. ``wait_ns`` (>= ``tol_ns``) after the caption's reception it
-        decides with what it has: a camera that went silent does not hold the queue up for long."""
+        None while a frame still to be handled could be nearer than the candidates so far.
+
+        Once an 'after' candidate is in, nothing nearer can come (the camera's frames are handled in
+        reception order). Without one, a nearer frame would have been received within
+        ``min(tol, distance to 'before')`` of the caption; the caption waits that long plus
+        ``lag_ns``, for a camera callback that runs late to hand it over."""
         if not self._q:
             return None
         c = self._q[0]
-        if c.after is None and now_ns - c.t_ns <= wait_ns:
-            return None
+        if c.after is None:
+            horizon = tol_ns if c.before is None else min(tol_ns, c.t_ns - c.before.recv_ns)
+            if now_ns - c.t_ns <= horizon + lag_ns:
+                return None
         self._q.popleft()
         cands = [f for f in (c.before, c.after) if f is not None and abs(f.recv_ns - c.t_ns) <= tol_ns]
         return c, min(cands, key=lambda f: abs(f.recv_ns - c.t_ns), default=None)

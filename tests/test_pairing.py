@@ -46,10 +46,10 @@ def test_pairs_each_caption_with_the_nearest_frame_of_the_whole_run(events, tol_
             captions.append((f"c{len(captions)}", now))
             assert q.add(captions[-1][0], now, frames[-3:]) is None
         else:
-            while (r := q.pop_ready(now, tol_ns, 2 * tol_ns)) is not None:
+            while (r := q.pop_ready(now, tol_ns, lag_ns=0)) is not None:
                 decided.append((r[0].text, r[0].t_ns, r[1], now))
-    end = (timeline[-1][0] if timeline else 0) + 2 * tol_ns + 1
-    while (r := q.pop_ready(end, tol_ns, 2 * tol_ns)) is not None:
+    end = (timeline[-1][0] if timeline else 0) + tol_ns + 1
+    while (r := q.pop_ready(end, tol_ns, lag_ns=0)) is not None:
         decided.append((r[0].text, r[0].t_ns, r[1], end))
     assert len(q) == 0
     assert [(c, t) for c, t, _, _ in decided] == captions  # each once, in order
@@ -69,27 +69,26 @@ def test_a_late_worker_still_gets_the_frame_that_was_current_at_arrival():
     q.add("a red cube", 1010 * ms, [frame])
     for i in range(1, 300):  # 10 s of 30 Hz camera after the caption
         q.on_frame(F(1000 * ms + i * 33 * ms, i))
-    caption, paired = q.pop_ready(11_000 * ms, tol_ns=1000 * ms, wait_ns=1500 * ms)
+    caption, paired = q.pop_ready(11_000 * ms, tol_ns=1000 * ms, lag_ns=500 * ms)
     assert caption.text == "a red cube" and paired == frame  # 10 ms before beats 23 ms after
 
 
-def test_waits_for_the_next_frame_or_the_deadline():
+def test_waits_while_a_late_camera_callback_could_still_bring_a_nearer_frame():
     q: CaptionQueue[F] = CaptionQueue(maxlen=4)
-    before = F(90, 1)
-    q.add("x", 100, [F(60, 0), before])
-    # 'before' is 10 away, but a camera callback running late may still hand over a nearer frame
-    assert q.pop_ready(150, tol_ns=50, wait_ns=80) is None
-    q.on_frame(F(97, 2))   # received before the caption, handled late: a nearer 'before'
-    assert q.pop_ready(150, tol_ns=50, wait_ns=80) is None
-    q.on_frame(F(120, 3))  # the first frame after it: now it is decided
-    caption, frame = q.pop_ready(150, tol_ns=50, wait_ns=80)
+    q.add("x", 100, [F(60, 0), F(90, 1)])
+    # 'before' is 10 away: a nearer frame was received by 110 if at all; its callback may be 20 late
+    assert q.pop_ready(115, tol_ns=50, lag_ns=20) is None
+    q.on_frame(F(97, 2))   # received before the caption, handled late: a nearer 'before' (3 away)
+    assert q.pop_ready(123, tol_ns=50, lag_ns=20) is None
+    caption, frame = q.pop_ready(124, tol_ns=50, lag_ns=20)
     assert caption.text == "x" and frame == F(97, 2)
-    q.add("y", 200, [F(160, 4)])  # the camera goes silent after this caption
-    assert q.pop_ready(280, tol_ns=50, wait_ns=80) is None
-    caption, frame = q.pop_ready(281, tol_ns=50, wait_ns=80)
-    assert caption.text == "y" and frame == F(160, 4)
-    q.add("z", 400)                # no frame at all near it
-    caption, frame = q.pop_ready(481, tol_ns=50, wait_ns=80)
+    q.add("y", 200, [F(160, 3)])
+    q.on_frame(F(230, 4))  # an 'after' decides at once
+    caption, frame = q.pop_ready(230, tol_ns=50, lag_ns=20)
+    assert caption.text == "y" and frame == F(230, 4)   # 30 after beats 40 before
+    q.add("z", 400)        # no frame near it: it waits tol + lag, then goes without
+    assert q.pop_ready(470, tol_ns=50, lag_ns=20) is None
+    caption, frame = q.pop_ready(471, tol_ns=50, lag_ns=20)
     assert caption.text == "z" and frame is None  # the node rejects it, with the reason
 
 
@@ -109,5 +108,5 @@ def test_callbacks_out_of_order_still_pair_by_reception_time():
     q.add("z", 100, [F(104, 2), F(95, 0)])
     q.on_frame(F(99, 1))
     q.on_frame(F(130, 3))
-    caption, frame = q.pop_ready(100, tol_ns=50, wait_ns=100)
+    caption, frame = q.pop_ready(100, tol_ns=50, lag_ns=0)
     assert frame == F(99, 1) and (caption.before, caption.after) == (F(99, 1), F(104, 2))
