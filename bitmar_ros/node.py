@@ -565,8 +565,8 @@ def main(args=None) -> None:
         sys.exit(exc.exit_code)
     # One executor thread is enough (callbacks only convert and enqueue; the model runs in the
     # worker) and is what keeps the worker fed: rclpy's MultiThreadedExecutor re-polls while a
-    # ready subscription's group is busy, and under a 30 Hz camera its loop held the GIL 71% of the
-    # time (py-spy --gil), leaving the model thread a sixth of it.
+    # ready subscription's group is busy, and under a 30 Hz camera its loop held the GIL in 71% of the
+    # samples where a thread held it (py-spy --gil), leaving the model thread 17%.
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
