@@ -306,10 +306,14 @@ class BitMarNode(Node):
                 self.get_logger().error(f"worker error: {type(exc).__name__}: {exc}")
 
     def _idle_wait_s(self) -> float:
+        """How long the idle worker sleeps (new frames and captions wake it earlier). Never 0: with a
+        description due but no new frame to describe, a zero wait spun this thread and held the GIL,
+        and a query answered meanwhile took seconds instead of milliseconds."""
         rate = self._cfg["describe_rate_hz"]
-        if rate <= 0:
+        fresh = self._latest is not None and self._latest.seq != self._last_described_seq
+        if rate <= 0 or not fresh:
             return 0.1
-        return max(0.0, min(0.1, (self._next_describe_ns - time.monotonic_ns()) / 1e9))
+        return max(0.001, min(0.1, (self._next_describe_ns - time.monotonic_ns()) / 1e9))
 
     def _next_job(self):
         """Pick the next piece of work (called with the lock held). Captions come first: they are

@@ -6,6 +6,7 @@ import hashlib
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -257,6 +258,33 @@ def test_compressed_camera_input(checkpoint, tmp_path):
         pub.publish(CompressedImage(format="jpeg", data=b"\xff\xd8 not really a jpeg"))
         h.wait(lambda: "rejected frame" in node.output(), 30, "a logged rejection of undecodable bytes")
         assert node.alive()
+    finally:
+        node.stop()
+        h.close()
+
+
+def test_idle_worker_sleeps_instead_of_spinning(checkpoint, tmp_path):
+    """Once the newest frame is described and a description is due again, there is nothing to do:
+    the worker must block. A zero-timeout wait there spun it at a full core and held the GIL, so a
+    query then took seconds. CPU time of the node over 3 idle seconds is the observable."""
+    import psutil
+
+    h = Harness()
+    node = NodeProcess(checkpoint, tmp_path / "store", "describe_rate_hz:=5.0", "max_new_tokens:=4",
+                       "diagnostics_rate_hz:=0.0")
+    try:
+        h.wait_connected(node)
+        rgb, _ = scene_frame(7)
+        h.image_pub.publish(frame_message(rgb, h))
+        h.wait(lambda: any(d.is_final for d in h.descriptions), 60, "the description of the one frame")
+        proc = psutil.Process(node.proc.pid)
+        before = sum(proc.cpu_times()[:2])
+        start = time.monotonic()
+        while time.monotonic() - start < 3.0:
+            h.spin()
+        used = sum(proc.cpu_times()[:2]) - before
+        # A spinning worker uses ~3 s of CPU here; an idle node (DDS threads, 0.1 s wake-ups) ~0.1 s.
+        assert used < 1.0, f"idle node used {used:.2f} s of CPU in 3 s"
     finally:
         node.stop()
         h.close()
