@@ -3,9 +3,21 @@
 Honours ``step`` (row padding) and ``is_bigendian``; message → array is zero-copy when the data
 is in native byte order. Works on any object with the sensor_msgs field names (duck typing).
 
-Conversions to the model's ``(H, W, 3)`` uint8 RGB (``image_to_rgb8``):
-- ``bgr8``/``bgra8`` are reordered; alpha is dropped. The type-only encodings ``8UC3``/``8UC4``
-  carry no colour order and are copied channel for channel (as ROS cv_bridge does).
+Conversions to the model's ``(H, W, 3)`` uint8 RGB (``image_to_rgb8``), with ROS cv_bridge's
+meaning of every encoding (``toCvCopy(msg, "rgb8")``: one OpenCV conversion each):
+- ``rgb8``/``rgba8`` are copied, ``bgr8``/``bgra8`` reordered; alpha is dropped.
+- ``8UC3``/``8UC4`` (what OpenCV code publishes with cv_bridge's default passthrough encoding) are
+  BGR/BGRA, as cv_bridge documents them: read like ``bgr8``/``bgra8``.
+- ``rgb16``/``bgr16``/``rgba16``/``bgra16``: reordered as their 8-bit forms, then the fixed
+  full-range scale of cv_bridge (``convertTo`` with alpha 255/65535): ``round(v * 255 / 65535)``
+  = ``(v + 128) // 257``, so 65535 → 255 (no ties occur).
+- ``yuv422_yuy2`` (YUYV, usb_cam's default) and ``yuv422`` (UYVY): 4:2:2 packed, 2 bytes a pixel,
+  converted by OpenCV (``COLOR_YUV2RGB_YUY2`` / ``COLOR_YUV2RGB_UYVY``: BT.601, video range
+  Y 16–235). Two pixels share one U and V, so the width must be even (an odd width is refused).
+- ``bayer_{rggb,bggr,gbrg,grbg}{8,16}``: a one-channel mosaic, demosaiced bilinearly by OpenCV
+  (``COLOR_Bayer{BG,RG,GR,GB}2RGB``, cv_bridge's codes); the 16-bit forms are demosaiced at 16 bits
+  and then scaled like ``rgb16``. OpenCV cannot demosaic fewer than 3 rows or columns (it returns
+  black), so such frames are refused.
 - ``mono8``/``8UC1`` are repeated into three channels.
 - ``mono16`` is an intensity image: fixed full-range scale ``round(v * 255 / 65535)``.
 - ``16UC1`` is depth (mm by convention): scaled by the frame's own maximum,
@@ -13,6 +25,10 @@ Conversions to the model's ``(H, W, 3)`` uint8 RGB (``image_to_rgb8``):
   black. (A fixed 65535 → 255 scale would map a 0–10 m scene to 0–39.)
 - ``32FC1`` is depth (m): NaN/±inf (no return) become 0, negatives are clipped to 0, the rest
   is scaled by the largest finite value, ``rint(v * 255 / max)``; no positive value gives black.
+
+Compressed images are decoded with ``IMREAD_IGNORE_ORIENTATION``: a JPEG's EXIF Orientation tag is
+not applied (as in cv_bridge), so the model sees the frame the camera sent.
+Error messages quote at most ~100 characters of a foreign string (encoding, format).
 """
 
 from __future__ import annotations
@@ -25,23 +41,39 @@ MAX_SIDE = 8192  # pixels per side; larger images are refused as corrupt or host
 # Pixels a compressed image may decode to (4096², beyond 4K video): OpenCV allocates the whole
 # buffer before it finds a lying header out, so a 1 KB file claiming 8192² would cost 200 MB.
 MAX_COMPRESSED_PIXELS = 4096 * 4096
-MAX_STEP = MAX_SIDE * 16  # bytes per row: the widest encoding (4 bytes/pixel) with ample padding
+MAX_STEP = MAX_SIDE * 16  # bytes per row: the widest encoding (rgba16, 8 bytes/pixel) with ample padding
 MAX_COMPRESSED_BYTES = 64 * 1024 * 1024
 
-# encoding -> (dtype of one channel, channels)
+_U8, _U16 = np.dtype(np.uint8), np.dtype(np.uint16)
+# encoding -> (dtype of one channel, channels); YUV 4:2:2 is stored as 2 bytes a pixel
 ENCODINGS: dict[str, tuple[np.dtype, int]] = {
-    "rgb8": (np.dtype(np.uint8), 3),
-    "bgr8": (np.dtype(np.uint8), 3),
-    "rgba8": (np.dtype(np.uint8), 4),
-    "bgra8": (np.dtype(np.uint8), 4),
-    "mono8": (np.dtype(np.uint8), 1),
-    "mono16": (np.dtype(np.uint16), 1),
-    "8UC1": (np.dtype(np.uint8), 1),
-    "8UC3": (np.dtype(np.uint8), 3),
-    "8UC4": (np.dtype(np.uint8), 4),
-    "16UC1": (np.dtype(np.uint16), 1),
+    "rgb8": (_U8, 3),
+    "bgr8": (_U8, 3),
+    "rgba8": (_U8, 4),
+    "bgra8": (_U8, 4),
+    "rgb16": (_U16, 3),
+    "bgr16": (_U16, 3),
+    "rgba16": (_U16, 4),
+    "bgra16": (_U16, 4),
+    "mono8": (_U8, 1),
+    "mono16": (_U16, 1),
+    "8UC1": (_U8, 1),
+    "8UC3": (_U8, 3),
+    "8UC4": (_U8, 4),
+    "16UC1": (_U16, 1),
     "32FC1": (np.dtype(np.float32), 1),
+    "yuv422": (_U8, 2),
+    "yuv422_yuy2": (_U8, 2),
+    **{f"bayer_{p}{bits}": (_U8 if bits == 8 else _U16, 1)
+       for p in ("rggb", "bggr", "gbrg", "grbg") for bits in (8, 16)},
 }
+_ENCODING_LIST = ("rgb8, bgr8, rgba8, bgra8, rgb16, bgr16, rgba16, bgra16, mono8, mono16, 8UC1, 8UC3, "
+                  "8UC4, 16UC1, 32FC1, yuv422, yuv422_yuy2, bayer_{rggb,bggr,gbrg,grbg}{8,16}")
+# OpenCV's conversion codes, as ROS cv_bridge uses them (OpenCV 4 names, also in OpenCV 5).
+_YUV422 = {"yuv422": "COLOR_YUV2RGB_UYVY", "yuv422_yuy2": "COLOR_YUV2RGB_YUY2"}
+_BAYER = {"rggb": "COLOR_BayerBG2RGB", "bggr": "COLOR_BayerRG2RGB",
+          "gbrg": "COLOR_BayerGR2RGB", "grbg": "COLOR_BayerGB2RGB"}
+_QUOTE_CHARS = 100  # of a foreign string quoted in an error message
 _FROM_RGB = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 
 
@@ -56,7 +88,8 @@ def bytes_per_pixel(encoding: str) -> int:
 
 
 def image_to_array(msg, copy: bool = False) -> np.ndarray:
-    """The pixels of a sensor_msgs/Image as ``(H, W)`` or ``(H, W, C)`` in native byte order.
+    """The pixels of a sensor_msgs/Image as ``(H, W)`` or ``(H, W, C)`` in native byte order
+    (a Bayer mosaic is ``(H, W)``; YUV 4:2:2 is ``(H, W, 2)``, the bytes of each pixel as sent).
 
     Without ``copy`` the result is a view of ``msg.data`` whenever the data is native-endian
     (read-only if the buffer is); row padding is skipped through strides, not copied.
@@ -64,6 +97,7 @@ def image_to_array(msg, copy: bool = False) -> np.ndarray:
     dtype, channels = _encoding(getattr(msg, "encoding", None))
     height = _dimension("height", getattr(msg, "height", None))
     width = _dimension("width", getattr(msg, "width", None))
+    _check_width(msg.encoding, width)
     step = getattr(msg, "step", None)
     row_bytes = width * channels * dtype.itemsize
     if not _is_int(step) or not row_bytes <= step <= MAX_STEP:
@@ -93,16 +127,33 @@ def image_to_array(msg, copy: bool = False) -> np.ndarray:
 
 def image_to_rgb8(msg) -> np.ndarray:
     """A fresh, writable, C-contiguous ``(H, W, 3)`` uint8 RGB array for the model (rules above)."""
-    encoding = msg.encoding if isinstance(getattr(msg, "encoding", None), str) else None
     pixels = image_to_array(msg)
-    if encoding in ("rgb8", "8UC3", "rgba8", "8UC4"):
+    encoding = msg.encoding  # valid: image_to_array checked it
+    if encoding in ("rgb8", "rgba8"):
         return np.array(pixels[..., :3], order="C", copy=True)
-    if encoding in ("bgr8", "bgra8"):
+    if encoding in ("bgr8", "bgra8", "8UC3", "8UC4"):
         return np.array(pixels[..., 2::-1], order="C", copy=True)
+    if encoding in ("rgb16", "rgba16"):
+        return _scale16(pixels[..., :3])
+    if encoding in ("bgr16", "bgra16"):
+        return _scale16(pixels[..., 2::-1])
+    if encoding in _YUV422:
+        import cv2
+
+        return _contiguous(cv2.cvtColor(pixels, getattr(cv2, _YUV422[encoding])))
+    if encoding.startswith("bayer_"):
+        import cv2
+
+        height, width = pixels.shape
+        if height < 3 or width < 3:
+            raise ImageConversionError(f"height x width: a Bayer mosaic ({encoding}) needs at least 3x3 pixels "
+                                       f"to demosaic, got {height}x{width}")
+        rgb = cv2.cvtColor(pixels, getattr(cv2, _BAYER[encoding[6:10]]))
+        return _contiguous(rgb) if rgb.dtype == np.uint8 else _scale16(rgb)
     if encoding in ("mono8", "8UC1"):
         gray = pixels
     elif encoding == "mono16":
-        gray = ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)  # v*255/65535 = v/257, rounded
+        gray = _scale16(pixels)
     elif encoding == "16UC1":
         peak = int(pixels.max())
         gray = np.zeros(pixels.shape, np.uint8) if peak == 0 else \
@@ -114,6 +165,16 @@ def image_to_rgb8(msg) -> np.ndarray:
         gray = np.zeros(pixels.shape, np.uint8) if peak <= 0.0 else \
             np.rint(depth * (255.0 / peak)).clip(0, 255).astype(np.uint8)
     return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _scale16(pixels: np.ndarray) -> np.ndarray:
+    """uint16 → uint8 as cv_bridge's ``convertTo(..., 255.0 / 65535)``: v*255/65535 = v/257, rounded
+    (never a tie), C-contiguous."""
+    return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _contiguous(rgb: np.ndarray) -> np.ndarray:
+    return rgb if rgb.flags.c_contiguous and rgb.flags.writeable else np.array(rgb, order="C", copy=True)
 
 
 def array_to_image(pixels: np.ndarray, encoding: str, stamp=None, frame_id: str = "",
@@ -135,6 +196,7 @@ def array_to_image(pixels: np.ndarray, encoding: str, stamp=None, frame_id: str 
         raise ImageConversionError(f"pixels: expected {expected} for {encoding}, got shape {pixels.shape}")
     height = _dimension("height (pixels.shape[0])", pixels.shape[0])
     width = _dimension("width (pixels.shape[1])", pixels.shape[1])
+    _check_width(encoding, width)
     row_bytes = width * channels * dtype.itemsize
     step = row_bytes if step is None else step
     if not _is_int(step) or not row_bytes <= step <= MAX_STEP:
@@ -165,7 +227,7 @@ def rgb8_to_image(rgb: np.ndarray, encoding: str = "rgb8", stamp=None, frame_id:
     """
     _check_rgb8("rgb", rgb)
     if encoding not in _FROM_RGB:
-        raise ImageConversionError(f"encoding: expected one of {list(_FROM_RGB)}, got {encoding!r}")
+        raise ImageConversionError(f"encoding: expected one of {list(_FROM_RGB)}, got {_quote(encoding)}")
     if encoding == "rgb8":
         pixels = rgb
     elif encoding == "bgr8":
@@ -186,7 +248,7 @@ def compressed_to_rgb8(msg) -> np.ndarray:
 
     fmt = getattr(msg, "format", "")
     if isinstance(fmt, str) and "compresseddepth" in fmt.lower():
-        raise ImageConversionError(f"format: compressedDepth ({fmt!r}) is not supported; "
+        raise ImageConversionError(f"format: compressedDepth ({_quote(fmt)}) is not supported; "
                                    "expected a plain JPEG/PNG image")
     buf = _as_bytes_array("data", getattr(msg, "data", None))
     if buf.size == 0:
@@ -201,12 +263,14 @@ def compressed_to_rgb8(msg) -> np.ndarray:
             raise ImageConversionError(f"data: the compressed header claims {size[0]}x{size[1]} pixels; "
                                        f"expected at most {MAX_COMPRESSED_PIXELS} pixels")
     try:
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        # IGNORE_ORIENTATION: an EXIF Orientation tag is not applied (cv_bridge does not apply it either)
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as e:
-        raise ImageConversionError(f"data: expected an image OpenCV can decode (format {fmt!r}): {e}") from e
+        raise ImageConversionError(f"data: expected an image OpenCV can decode (format {_quote(fmt)}): "
+                                   f"{str(e)[:200]}") from e
     if bgr is None or bgr.size == 0:
         raise ImageConversionError(
-            f"data: expected an image OpenCV can decode (format {fmt!r}), got {buf.size} undecodable bytes")
+            f"data: expected an image OpenCV can decode (format {_quote(fmt)}), got {buf.size} undecodable bytes")
     _dimension("height", bgr.shape[0])
     _dimension("width", bgr.shape[1])
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -245,13 +309,28 @@ def _describe(x) -> str:
 
 def _encoding(encoding) -> tuple[np.dtype, int]:
     if not isinstance(encoding, str) or encoding not in ENCODINGS:
-        raise ImageConversionError(f"encoding: expected one of {sorted(ENCODINGS)}, got {encoding!r}")
+        raise ImageConversionError(f"encoding: expected one of {_ENCODING_LIST}, got {_quote(encoding)}")
     return ENCODINGS[encoding]
+
+
+def _check_width(encoding: str, width: int) -> None:
+    if encoding in _YUV422 and width % 2:
+        raise ImageConversionError(f"width: {encoding} is YUV 4:2:2 (two pixels share one U and V); "
+                                   f"expected an even width, got {width}")
+
+
+def _quote(value) -> str:
+    """``repr(value)``, cut to about ``_QUOTE_CHARS`` characters for a foreign string or object."""
+    text = repr(value)
+    if len(text) <= _QUOTE_CHARS:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    return f"{text[:_QUOTE_CHARS]}... ({size})"
 
 
 def _dimension(name: str, value) -> int:
     if not _is_int(value) or not 1 <= value <= MAX_SIDE:
-        raise ImageConversionError(f"{name}: expected an int in [1, {MAX_SIDE}], got {value!r}")
+        raise ImageConversionError(f"{name}: expected an int in [1, {MAX_SIDE}], got {_quote(value)}")
     return int(value)
 
 
