@@ -4,20 +4,29 @@ One SQLite database (WAL, synchronous=FULL) holds the episodes and the episodic 
 that their writes produced, committed together, so a SIGKILL at any moment leaves a readable
 store in which memory and episodes agree. Pure Python/numpy/sqlite3: no ROS, no torch.
 
-Layout of ``<directory>/episodes.sqlite3``:
+Layout of ``<directory>/episodes.sqlite3`` (schema version 2):
 
 - ``meta(key, value)``: ``schema_version``, ``embedding_dim``, ``identity`` (the model/config
   identity string of the writer; opening with another one is refused).
 - ``episodes(id, stamp_ns, caption, source, embedding, thumbnail)``: ``embedding`` is ``dim``
   little-endian float32, ``thumbnail`` JPEG bytes (or empty). Ids come from AUTOINCREMENT, so they
-  grow monotonically and are never reused, not even after ``clear()``.
+  grow monotonically and are never reused, not even after ``clear()``. Generated descriptions are
+  episodes too (``source='description'``), so they are searched like captions.
+- ``episodes_fts``: an FTS5 full-text index of every caption (external content: it indexes
+  ``episodes.caption`` by ``id`` and stores no second copy), tokenized ``porter unicode61`` so
+  that case and plurals match ("Cats" finds "cat"). Triggers on ``episodes`` keep it in the same
+  transaction as each insert and delete. Version-1 stores (no index) are migrated on open.
 - ``memory_state(name, dtype, shape, data)``: named tensors (``M``, ``usage``, ``n_writes``, ...)
   as raw little-endian bytes. It is replaced as a whole, in the same transaction as the episode
   whose write produced it.
 
+Retrieval (``search``) fuses two rankings by reciprocal rank: BM25 of the query's words against the
+captions (``lexical_search``) and cosine similarity of the model's embeddings (``query``), both
+restricted to the same time window. Why that rule is in ``RRF_K``'s comment.
+
 Concurrency: one ``sqlite3`` connection guarded by one re-entrant lock; every public method takes
 it, so one writer thread and any number of reader threads (e.g. a ROS service thread) may share an
-``EpisodeStore``. Queries are brute force over an in-RAM float32 matrix of unit-normalised
+``EpisodeStore``. Embedding queries are brute force over an in-RAM float32 matrix of unit-normalised
 embeddings that is appended to only after a commit returns, so it never holds an uncommitted
 episode and a failed write leaves it untouched. Only one process should write a store at a time.
 """
@@ -32,10 +41,12 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MIGRATABLE_VERSIONS = ("1",)  # older schemas that open() upgrades in place
 DB_FILENAME = "episodes.sqlite3"
 
 MAX_EMBEDDING_DIM = 8192
@@ -49,6 +60,28 @@ MAX_STATE_TENSORS = 64
 MAX_STATE_NAME_CHARS = 64
 MAX_STATE_BYTES = 256 * 1024 * 1024
 BUSY_TIMEOUT_MS = 5000
+MAX_QUERY_TERMS = 32  # words of a text query that are searched; the rest are ignored
+
+# Reciprocal rank fusion: an episode's fused score is the sum of 1 / (RRF_K + rank) over the rankings
+# it appears in (Cormack, Clarke & Büttcher, SIGIR 2009). Ranks, not scores, are fused because BM25
+# (unbounded, grows with the query's length) and cosine similarity (in [-1, 1]) share no scale, and
+# no labelled queries exist here to learn one. k = 60 is the paper's value: it damps the head of each
+# ranking so that an episode near the top of both outranks one that tops a single ranking only
+# (1/61 + 1/62 > 1/61 + 0), while the first few ranks of a single list still stay ahead of the tail
+# of the other. Each ranking contributes its top D = 2k + RRF_K episodes (``fusion_depth``): an
+# episode below rank D in both would score under 2 / (RRF_K + D + 1) < 1 / (RRF_K + k), the least
+# that each of the k best of either ranking alone gets, so it could never enter the top k.
+RRF_K = 60
+
+# Words left out of a text query's lexical part (unless the query holds nothing else): they occur in
+# nearly every caption, so BM25 gives them almost no weight, while matching them costs a pass over
+# almost every row of the index.
+STOPWORDS = frozenset("""
+a an the and or of in on at to for from by with without into onto over under is are was were be been
+being am do does did has have had it its this that these those there here what which who whom whose
+where when why how i me my we our you your he him his she her they them their as than then so not no
+can could will would shall should may might must some any all
+""".split())
 
 _SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _STATE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -73,7 +106,22 @@ _SCHEMA = (
     "CREATE TABLE memory_state ("
     " name TEXT PRIMARY KEY, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL)",
 )
+# Schema version 2: the full-text index of the captions, kept in step with ``episodes`` by triggers
+# (so every write path, clear() included, updates it in the episode's own transaction).
+_FTS_SCHEMA = (
+    "CREATE VIRTUAL TABLE episodes_fts USING fts5("
+    "caption, content='episodes', content_rowid='id', tokenize='porter unicode61')",
+    "CREATE TRIGGER episodes_fts_insert AFTER INSERT ON episodes BEGIN"
+    " INSERT INTO episodes_fts (rowid, caption) VALUES (new.id, new.caption); END",
+    "CREATE TRIGGER episodes_fts_delete AFTER DELETE ON episodes BEGIN"
+    " INSERT INTO episodes_fts (episodes_fts, rowid, caption) VALUES ('delete', old.id, old.caption); END",
+    "CREATE TRIGGER episodes_fts_update AFTER UPDATE OF caption ON episodes BEGIN"
+    " INSERT INTO episodes_fts (episodes_fts, rowid, caption) VALUES ('delete', old.id, old.caption);"
+    " INSERT INTO episodes_fts (rowid, caption) VALUES (new.id, new.caption); END",
+)
 _TABLES = {"meta", "episodes", "memory_state"}
+_TABLES_V2 = _TABLES | {"episodes_fts"}
+_TRIGGERS_V2 = {"episodes_fts_insert", "episodes_fts_delete", "episodes_fts_update"}
 
 
 class StoreError(Exception):
@@ -118,6 +166,24 @@ class Episode:
     source: str
     embedding: np.ndarray
     thumbnail_jpeg: bytes
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One episode found by ``search``, and how it was found."""
+
+    episode: Episode
+    score: float            # fused: sum of 1 / (RRF_K + rank) over the rankings it is in; the order
+    lexical_score: float    # BM25 of its caption against the query's words (higher = better); 0 = none matched
+    lexical_rank: int       # 1-based among the lexical matches (equal BM25, equal rank); 0 = not among them
+    embedding_score: float  # cosine similarity to the query embedding; NaN without one
+    embedding_rank: int     # 1-based by cosine; 0 = not ranked (no query embedding, or below the depth used)
+
+    @property
+    def matched_by(self) -> str:
+        """Which rankings found it: "lexical", "embedding" or "lexical+embedding"."""
+        return "+".join(name for name, rank in (("lexical", self.lexical_rank), ("embedding", self.embedding_rank))
+                        if rank)
 
 
 def make_thumbnail(rgb: np.ndarray, max_side: int = 96, quality: int = 80) -> bytes:
@@ -211,6 +277,7 @@ class EpisodeStore:
         conn = cls._connect(path)
         store = cls(conn, path, int(embedding_dim), identity)
         try:
+            store._migrate()
             store._load_index()
         except BaseException:
             store.close()
@@ -243,7 +310,7 @@ class EpisodeStore:
                     raise StoreCorruptError(f"{path}: has tables, yet shows none to a reader")
                 conn = cls._connect(path)
             else:
-                for sql in _SCHEMA:
+                for sql in _SCHEMA + _FTS_SCHEMA:
                     conn.execute(sql)
                 conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
                     ("schema_version", str(SCHEMA_VERSION)),
@@ -300,10 +367,14 @@ class EpisodeStore:
             raise StoreCorruptError(f"{path}: not a readable SQLite database ({e}); left untouched") from e
         finally:
             conn.close()
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
+        version = meta.get("schema_version")
+        if version == str(SCHEMA_VERSION) and not _TABLES_V2 <= tables:
+            raise StoreCorruptError(f"{path}: schema version {version} without its full-text index "
+                                    f"(expected tables {sorted(_TABLES_V2)}, found {sorted(tables)})")
+        if version != str(SCHEMA_VERSION) and version not in MIGRATABLE_VERSIONS:
             raise StoreVersionError(
-                f"{path}: schema_version is {meta.get('schema_version')!r}, this code reads {SCHEMA_VERSION}; "
-                "left untouched (migrate or choose another directory)")
+                f"{path}: schema_version is {version!r}, this code reads {SCHEMA_VERSION} "
+                f"(and migrates {', '.join(MIGRATABLE_VERSIONS)}); left untouched (choose another directory)")
         if meta.get("embedding_dim") != str(dim):
             raise StoreMismatchError(
                 f"{path}: stores embedding_dim {meta.get('embedding_dim')!r}, opened with {dim}; left untouched")
@@ -312,6 +383,26 @@ class EpisodeStore:
                 f"{path}: written by model identity {meta.get('identity')!r}, opened with {identity!r}; "
                 "left untouched (use another directory or the matching model)")
         return True
+
+    def _migrate(self) -> None:
+        """Upgrade a version-1 store (no full-text index) in one transaction: index every caption
+        already stored, then record version 2. A failure leaves it a valid version-1 store."""
+        conn = self._require_open()
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        if version == str(SCHEMA_VERSION):
+            return
+
+        def upgrade() -> None:
+            # Checked again inside the write lock: another process may have migrated it meanwhile.
+            if conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] != "1":
+                return
+            for sql in _FTS_SCHEMA:
+                conn.execute(sql)
+            conn.execute("INSERT INTO episodes_fts (episodes_fts) VALUES ('rebuild')")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+        with self._lock:
+            self._transaction(f"migrate schema {version} → {SCHEMA_VERSION}", upgrade)
 
     def _load_index(self) -> None:
         with self._lock:
@@ -459,34 +550,100 @@ class EpisodeStore:
         Equal scores rank the newer episode (larger stamp_ns, then larger id) first.
         """
         _, q = self._check_embedding("embedding", embedding)
-        if not _is_int(k) or not 1 <= k <= MAX_K:
-            raise StoreInputError(f"k: expected an int in [1, {MAX_K}], got {k!r}")
-        if start_ns is not None:
-            _check_stamp("start_ns", start_ns)
-        if end_ns is not None:
-            _check_stamp("end_ns", end_ns)
-        if start_ns is not None and end_ns is not None and start_ns > end_ns:
-            raise StoreInputError(f"start_ns: expected ≤ end_ns ({end_ns}), got {start_ns}")
+        _check_k(k)
+        _check_window(start_ns, end_ns)
         with self._lock:
-            self._require_open()
-            n = self._index.n
-            ids = self._index.ids[:n].copy()
-            stamps = self._index.stamps[:n].copy()
-            scores = self._index.unit[:n] @ q
-            keep = np.ones(n, bool)
-            if start_ns is not None:
-                keep &= stamps >= start_ns
-            if end_ns is not None:
-                keep &= stamps <= end_ns
-            ids, stamps, scores = ids[keep], stamps[keep], scores[keep]
-            if len(ids) > k:
-                # Everything tied with the k-th best competes, so ties at the cut are fair.
-                kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-                cand = scores >= kth
-                ids, stamps, scores = ids[cand], stamps[cand], scores[cand]
-            order = np.lexsort((-ids, -stamps, -scores))[:k]
-            episodes = self._fetch([int(i) for i in ids[order]])
-            return [(episodes[int(ids[i])], float(scores[i])) for i in order]
+            ids, scores = self._embedding_ranking(q, k, start_ns, end_ns)
+            episodes = self._fetch([int(i) for i in ids])
+            return [(episodes[int(i)], float(sc)) for i, sc in zip(ids, scores)]
+
+    def lexical_search(self, text: str, limit: int, start_ns: int | None = None, end_ns: int | None = None,
+                       synonyms: Mapping[str, Sequence[str]] | None = None) -> list[tuple[int, float]]:
+        """(episode id, BM25 score) of the captions that share words with ``text``, best first.
+
+        ``text`` is free text: its words (letters and digits) are searched one by one, each as a
+        quoted FTS5 string, so quotes, ``*``, ``-``, ``NEAR``, parentheses or a lone ``AND`` are
+        plain words, never query syntax. Stop words are skipped unless nothing else is left;
+        ``synonyms`` maps a lowercase word to words that count as the same word. Captions that
+        hold every word (or one of its synonyms) come first, then those that hold any, each group
+        by BM25 (FTS5's ``bm25``, negated so that higher is better; equal scores: newer id first).
+        Only episodes with ``start_ns <= stamp_ns <= end_ns`` compete. No word: an empty list.
+        """
+        if not isinstance(text, str):
+            raise StoreInputError(f"text: expected a str, got {type(text).__name__}")
+        if not _is_int(limit) or limit < 1:
+            raise StoreInputError(f"limit: expected an int ≥ 1, got {limit!r}")
+        _check_window(start_ns, end_ns)
+        groups = _query_groups(text, synonyms or {})
+        if not groups:
+            return []
+        source, window, params = "episodes_fts", "", []
+        if start_ns is not None or end_ns is not None:
+            # The time window is the condition the embedding ranking applies. CROSS JOIN keeps the
+            # index scan outside: probing FTS5 row by row from the stamp index is ~1000× slower.
+            source = "episodes_fts CROSS JOIN episodes ON episodes.id = episodes_fts.rowid"
+            window = " AND episodes.stamp_ns BETWEEN ? AND ?"
+            params = [int(start_ns) if start_ns is not None else 0,
+                      int(end_ns) if end_ns is not None else MAX_STAMP_NS]
+        sql = (f"SELECT episodes_fts.rowid, -bm25(episodes_fts) FROM {source} WHERE episodes_fts MATCH ?{window}"
+               " ORDER BY bm25(episodes_fts), episodes_fts.rowid DESC LIMIT ?")
+        with self._lock:
+            conn = self._require_open()
+            found = self._read(lambda: conn.execute(sql, [" AND ".join(groups), *params, int(limit)]).fetchall())
+            if len(found) < limit and len(groups) > 1:
+                # Conjunctive first: the captions with every word are all listed; fill up with any-word ones.
+                seen = {r[0] for r in found}
+                more = self._read(lambda: conn.execute(sql, [" OR ".join(groups), *params, int(limit)]).fetchall())
+                found += [r for r in more if r[0] not in seen][: limit - len(found)]
+        return [(int(i), float(sc)) for i, sc in found]
+
+    def search(self, text: str | None = None, embedding: np.ndarray | None = None, k: int = 5,
+               start_ns: int | None = None, end_ns: int | None = None,
+               synonyms: Mapping[str, Sequence[str]] | None = None) -> list[Hit]:
+        """Hybrid retrieval: the k best episodes for a text and/or a query embedding, best first.
+
+        Two rankings within the same time window, ``lexical_search(text)`` and cosine similarity to
+        ``embedding`` (as ``query``), each cut at ``fusion_depth(k)``, fused by reciprocal rank
+        (see ``RRF_K``). Equal fused scores: higher cosine, then higher BM25, then newer first.
+        Either input may be missing (then the other ranking alone decides); an empty list means that
+        no episode lies in the window or, without an embedding, that no caption shares a word.
+        """
+        if text is not None and not isinstance(text, str):
+            raise StoreInputError(f"text: expected a str or None, got {type(text).__name__}")
+        q = self._check_embedding("embedding", embedding)[1] if embedding is not None else None
+        if q is None and not (text or "").strip():
+            raise StoreInputError("search: expected text, an embedding, or both")
+        _check_k(k)
+        _check_window(start_ns, end_ns)
+        depth = fusion_depth(k)
+        with self._lock:
+            lexical = self.lexical_search(text, depth, start_ns, end_ns, synonyms) if text else []
+            emb_ids, emb_scores = (self._embedding_ranking(q, depth, start_ns, end_ns) if q is not None
+                                   else (np.zeros(0, np.int64), np.zeros(0, np.float32)))
+            fused: dict[int, float] = {}
+            lex_rank: dict[int, int] = {}
+            lex_score: dict[int, float] = {}
+            for position, (episode_id, score) in enumerate(lexical):
+                # Equal BM25 (e.g. the same caption stored twice) share a rank: the embedding decides.
+                same = position > 0 and score == lexical[position - 1][1]
+                lex_rank[episode_id] = lex_rank[lexical[position - 1][0]] if same else position + 1
+                lex_score[episode_id] = score
+                fused[episode_id] = 1.0 / (RRF_K + lex_rank[episode_id])
+            emb_rank = {int(i): r + 1 for r, i in enumerate(emb_ids)}
+            for episode_id, rank in emb_rank.items():
+                fused[episode_id] = fused.get(episode_id, 0.0) + 1.0 / (RRF_K + rank)
+            if not fused:
+                return []
+            ids = np.fromiter(fused, np.int64, len(fused))
+            cosine = (self._index.unit[np.searchsorted(self._index.ids[: self._index.n], ids)] @ q
+                      if q is not None else np.full(len(ids), np.nan, np.float32))
+            stamps = self._index.stamps[np.searchsorted(self._index.ids[: self._index.n], ids)]
+            order = np.lexsort((-ids, -stamps, -np.array([lex_score.get(int(i), 0.0) for i in ids]),
+                                -np.nan_to_num(cosine, nan=-2.0), -np.array([fused[int(i)] for i in ids])))[:k]
+            episodes = self._fetch([int(ids[j]) for j in order])
+            return [Hit(episodes[int(ids[j])], fused[int(ids[j])], lex_score.get(int(ids[j]), 0.0),
+                        lex_rank.get(int(ids[j]), 0), float(cosine[j]), emb_rank.get(int(ids[j]), 0))
+                    for j in order]
 
     def integrity_check(self) -> list[str]:
         """Problems found (empty list = healthy): SQLite integrity, schema, blobs, RAM index."""
@@ -498,9 +655,16 @@ class EpisodeStore:
                 if rows != ["ok"]:
                     problems += [f"sqlite: {r}" for r in rows]
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if not _TABLES <= tables:
-                    problems.append(f"schema: missing tables {sorted(_TABLES - tables)}")
+                if not _TABLES_V2 <= tables:
+                    problems.append(f"schema: missing tables {sorted(_TABLES_V2 - tables)}")
                     return problems
+                triggers = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+                if not _TRIGGERS_V2 <= triggers:
+                    problems.append(f"schema: missing triggers {sorted(_TRIGGERS_V2 - triggers)}")
+                try:  # the full-text index against the captions it indexes
+                    conn.execute("INSERT INTO episodes_fts (episodes_fts, rank) VALUES ('integrity-check', 1)")
+                except sqlite3.DatabaseError as e:
+                    problems.append(f"full-text index: {e}")
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
                 expected = {"schema_version": str(SCHEMA_VERSION), "embedding_dim": str(self.embedding_dim),
                             "identity": self.identity}
@@ -534,6 +698,30 @@ class EpisodeStore:
         return problems
 
     # ------------------------------------------------------------------ internals
+    def _embedding_ranking(self, q: np.ndarray, limit: int, start_ns: int | None,
+                           end_ns: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, cosine scores) of the ``limit`` best episodes in the window for the unit vector q."""
+        with self._lock:
+            self._require_open()
+            n = self._index.n
+            ids = self._index.ids[:n]
+            stamps = self._index.stamps[:n]
+            scores = self._index.unit[:n] @ q
+            if start_ns is not None or end_ns is not None:
+                keep = np.ones(n, bool)
+                if start_ns is not None:
+                    keep &= stamps >= start_ns
+                if end_ns is not None:
+                    keep &= stamps <= end_ns
+                ids, stamps, scores = ids[keep], stamps[keep], scores[keep]
+            if len(ids) > limit:
+                # Everything tied with the limit-th best competes, so ties at the cut are fair.
+                kth = np.partition(scores, len(scores) - limit)[len(scores) - limit]
+                cand = scores >= kth
+                ids, stamps, scores = ids[cand], stamps[cand], scores[cand]
+            order = np.lexsort((-ids, -stamps, -scores))[:limit]
+            return ids[order].copy(), scores[order].copy()
+
     def _require_open(self) -> sqlite3.Connection:
         if self._conn is None:
             raise StoreClosedError(f"episode store {self.path} is closed")
@@ -622,6 +810,48 @@ def _describe(x) -> str:
     if isinstance(x, np.ndarray):
         return f"ndarray dtype={x.dtype} shape={x.shape}"
     return type(x).__name__
+
+
+def fusion_depth(k: int) -> int:
+    """How many of each ranking ``search`` fuses for a top-k (see ``RRF_K``)."""
+    return 2 * int(k) + RRF_K
+
+
+def _check_k(k) -> None:
+    if not _is_int(k) or not 1 <= k <= MAX_K:
+        raise StoreInputError(f"k: expected an int in [1, {MAX_K}], got {k!r}")
+
+
+def _check_window(start_ns, end_ns) -> None:
+    if start_ns is not None:
+        _check_stamp("start_ns", start_ns)
+    if end_ns is not None:
+        _check_stamp("end_ns", end_ns)
+    if start_ns is not None and end_ns is not None and start_ns > end_ns:
+        raise StoreInputError(f"start_ns: expected ≤ end_ns ({end_ns}), got {start_ns}")
+
+
+_WORD_RE = re.compile(r"\w+")
+
+
+def _fts_string(word: str) -> str:
+    # A double-quoted FTS5 string is never syntax: AND, NEAR, *, -, ( inside it are text.
+    return '"' + word.replace('"', '""') + '"'
+
+
+def _query_groups(text: str, synonyms: Mapping[str, Sequence[str]]) -> list[str]:
+    """FTS5 expressions, one per searched word of ``text``: ``"w"`` or ``("w" OR "synonym" ...)``."""
+    words = list(dict.fromkeys(w for w in _WORD_RE.findall(text.lower()) if w.strip("_")))
+    content = [w for w in words if w not in STOPWORDS] or words
+    groups = []
+    for w in content[:MAX_QUERY_TERMS]:
+        alternatives = synonyms.get(w)
+        if alternatives is None and len(w) > 3 and w.endswith("s"):
+            alternatives = synonyms.get(w[:-1])  # "disks": the porter stemmer matches the plurals
+        same = list(dict.fromkeys([w, *(a.lower() for a in alternatives or ())]))
+        terms = [_fts_string(a) for a in same]
+        groups.append(terms[0] if len(terms) == 1 else "(" + " OR ".join(terms) + ")")
+    return groups
 
 
 def _check_stamp(name: str, value) -> None:

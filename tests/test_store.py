@@ -603,3 +603,225 @@ def test_checkpoint_empties_the_wal(tmp_path):
         assert wal.stat().st_size == 0 and s.count() == 10
     with EpisodeStore.open(tmp_path, DIM, IDENTITY) as s:
         assert s.count() == 10
+
+
+# ---------------------------------------------------------------------- full-text index and hybrid search
+V1_FIXTURE = REPO / "tests" / "fixtures" / "store_v1" / "episodes.sqlite3"
+V1_CAPTIONS = ["A ginger tabby cat asleep on a sofa.", "Two red circles at the top.",
+               "A cup of coffee on the kitchen table.", "The red stop sign at the corner.",
+               "A little violet disk in the lower left.", "Rockets launching at dawn.", "", "Le café est chaud."]
+
+
+def _v1_copy(tmp_path) -> Path:
+    directory = tmp_path / "old"
+    directory.mkdir(mode=0o700)
+    db = directory / store_mod.DB_FILENAME
+    db.write_bytes(V1_FIXTURE.read_bytes())
+    db.chmod(0o600)
+    return directory
+
+
+def test_store_written_by_schema_1_code_is_migrated_on_open(tmp_path):
+    """tests/fixtures/store_v1 was written by the store of commit 3032d34 (schema 1, no full-text
+    index); the new code indexes the old rows on open, keeps everything else, and reads it again."""
+    directory = _v1_copy(tmp_path)
+    conn = sqlite3.connect(directory / store_mod.DB_FILENAME)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+    old_rows = conn.execute("SELECT * FROM episodes ORDER BY id").fetchall()
+    old_state = conn.execute("SELECT * FROM memory_state ORDER BY name").fetchall()
+    conn.close()
+    with EpisodeStore.open(directory, DIM, IDENTITY, create=False) as s:
+        assert [e.caption for e in s.all_episodes()] == V1_CAPTIONS
+        assert s.integrity_check() == []
+        for word, expected in [("cats", 1), ("CIRCLE", 2), ("coffee", 3), ("stop", 4), ("disks", 5),
+                               ("launch", 6), ("café", 8)]:
+            assert [i for i, _ in s.lexical_search(word, 10)] == [expected], word
+        assert {i for i, _ in s.lexical_search("red", 10)} == {2, 4}
+        new = s.add_episode(2_000, "a purple cat", "caption", np.ones(DIM, np.float32))
+        assert {i for i, _ in s.lexical_search("cat", 10)} == {1, new}
+    conn = sqlite3.connect(directory / store_mod.DB_FILENAME)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert conn.execute("SELECT * FROM episodes WHERE id <= 8 ORDER BY id").fetchall() == old_rows
+    assert conn.execute("SELECT * FROM memory_state ORDER BY name").fetchall() == old_state
+    conn.close()
+    with EpisodeStore.open(directory, DIM, IDENTITY) as s:  # migrated once; opens as version 2
+        assert s.count() == 9 and s.integrity_check() == []
+
+
+def test_failed_migration_leaves_a_readable_schema_1_store(tmp_path, monkeypatch):
+    directory = _v1_copy(tmp_path)
+    monkeypatch.setattr(store_mod, "_FTS_SCHEMA", store_mod._FTS_SCHEMA + ("CREATE TABLE broken (",))
+    with pytest.raises(StoreWriteError, match="migrate schema 1"):
+        EpisodeStore.open(directory, DIM, IDENTITY)
+    conn = sqlite3.connect(directory / store_mod.DB_FILENAME)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'episodes_fts%'").fetchone() == (0,)
+    conn.close()
+    monkeypatch.undo()
+    with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+        assert s.count() == 8 and [i for i, _ in s.lexical_search("cat", 5)] == [1]
+
+
+def test_schema_2_store_without_its_index_is_refused_untouched(tmp_path):
+    db = _make_store(tmp_path / "mem")
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE episodes_fts")
+    conn.commit()
+    conn.close()
+    digest = _sha256(db)
+    with pytest.raises(StoreCorruptError, match="full-text index"):
+        EpisodeStore.open(db.parent, DIM, IDENTITY)
+    assert _sha256(db) == digest
+
+
+def test_lexical_search_matches_case_and_plurals(store):
+    ids = [store.add_episode(i, c, "caption", np.ones(DIM, np.float32)) for i, c in enumerate(
+        ["A Cat on the mat", "two cats and one dog", "a red circle", "Circles everywhere", "a boxes shop"])]
+    assert {i for i, _ in store.lexical_search("cats", 10)} == {ids[0], ids[1]}
+    assert {i for i, _ in store.lexical_search("CAT", 10)} == {ids[0], ids[1]}
+    assert {i for i, _ in store.lexical_search("circle", 10)} == {ids[2], ids[3]}
+    assert [i for i, _ in store.lexical_search("box", 10)] == [ids[4]]
+    assert store.lexical_search("giraffe", 10) == []
+
+
+@pytest.mark.parametrize("text", [
+    '"', '""', "'", "*", "cat*", "-cat", "cat -dog", "NEAR", "NEAR(cat dog)", "NEAR(cat dog, 2)", "(", ")",
+    "(cat", "AND", "OR", "NOT", "cat AND", "AND cat", "cat OR OR dog", "cat NOT", "^cat", "caption:cat",
+    "caption : cat", "{caption}: cat", "cat + dog", "c'a't", '"cat" "', "\x00", "🐈 cat", "𝒸𝒶𝓉", "_", "a_b",
+    "--", "---cat", "cat;DROP TABLE episodes;", "     ", "", "and or not near", "ß", "İ",
+])
+def test_query_syntax_characters_never_raise(store, text):
+    store.add_episode(1, "the cat and the dog near a table", "caption", np.ones(DIM, np.float32))
+    got = store.lexical_search(text, 5)
+    assert all(isinstance(i, int) and isinstance(sc, float) for i, sc in got)
+    if "cat" in text:
+        assert got, text  # the word is found whatever surrounds it
+    store.search(text or " ", np.ones(DIM, np.float32), 3)
+    assert store.count() == 1 and store.integrity_check() == []
+
+
+def test_random_text_queries_never_raise(store):
+    rng = random.Random(5)
+    alphabet = 'abcAND OR NOT NEAR"*-+^:(){}[],.;\'\\/_~`!@#$%&=<>?|éß🐈\t\n\x00'
+    store.add_episode(1, "a cat", "caption", np.ones(DIM, np.float32))
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        store.lexical_search(text, 5)
+
+
+def test_synonyms_expand_a_word(store):
+    a = store.add_episode(1, "a small purple circle", "caption", np.ones(DIM, np.float32))
+    b = store.add_episode(2, "a big orange oval", "caption", np.ones(DIM, np.float32))
+    synonyms = {"violet": ["purple"], "disk": ["circle"], "ellipse": ["oval"], "large": ["big"]}
+    assert store.lexical_search("violet disk", 5) == []
+    assert [i for i, _ in store.lexical_search("violet disk", 5, synonyms=synonyms)] == [a]
+    assert [i for i, _ in store.lexical_search("large ellipses", 5, synonyms=synonyms)] == [b]
+
+
+def test_captions_with_every_word_come_first(store):
+    filler = [store.add_episode(10 + i, f"filler {i}", "caption", np.ones(DIM, np.float32)) for i in range(20)]
+    one = store.add_episode(1, "red red red red circle circle", "caption", np.ones(DIM, np.float32))
+    both = store.add_episode(2, "a long caption that mentions a red square and then a star far away", "caption",
+                             np.ones(DIM, np.float32))
+    got = store.lexical_search("red star", 5)
+    assert [i for i, _ in got] == [both, one] and filler
+
+
+def test_full_text_index_follows_rollback_and_clear(tmp_path):
+    s = EpisodeStore.open(tmp_path, DIM, IDENTITY)
+    kept = s.add_episode(1, "kept giraffe", "caption", np.ones(DIM, np.float32), b"", _state(n=1))
+    real = s._conn
+    s._conn = _FailingConnection(real, "COMMIT")
+    with pytest.raises(StoreWriteError):
+        s.add_episode(2, "lost giraffe", "caption", np.ones(DIM, np.float32), b"", _state(n=2))
+    s._conn = real
+    assert [i for i, _ in s.lexical_search("giraffe", 5)] == [kept] and s.integrity_check() == []
+    s._conn = _FailingConnection(real, "DELETE FROM memory_state")
+    with pytest.raises(StoreWriteError):
+        s.clear()
+    s._conn = real
+    assert [i for i, _ in s.lexical_search("giraffe", 5)] == [kept]
+    s.clear()
+    assert s.lexical_search("giraffe", 5) == [] and s.integrity_check() == []
+    new = s.add_episode(3, "new giraffe", "caption", np.ones(DIM, np.float32))
+    assert [i for i, _ in s.lexical_search("giraffe", 5)] == [new] and s.integrity_check() == []
+    s.close()
+
+
+def test_integrity_check_reports_a_stale_full_text_index(store):
+    _fill(store, 3)
+    store._conn.execute("DROP TRIGGER episodes_fts_insert")
+    store._conn.execute("INSERT INTO episodes (stamp_ns, caption, source, embedding, thumbnail) "
+                        "VALUES (5, 'unindexed', 'caption', zeroblob(64), x'')")
+    problems = store.integrity_check()
+    assert any("missing triggers" in p for p in problems)
+    assert any("full-text index" in p for p in problems)
+
+
+def _unit(i, j=None, w=0.0):
+    e = np.zeros(DIM, np.float32)
+    e[i] = 1.0
+    if j is not None:
+        e[j] = w
+    return e
+
+
+def _fusion_world(store):
+    """Three episodes whose lexical and embedding ranks are known by construction, plus filler that
+    shares no word with the query and points away from it."""
+    for i in range(40):
+        store.add_episode(10_000 + i, f"filler number {i}", "caption", -_unit(0))
+    a = store.add_episode(1_000, "a zebra eating a mango", "caption", _unit(0, 1, 3.0))   # lexical 1, cosine 3rd
+    b = store.add_episode(2_000, "a zebra on the road", "caption", _unit(0, 1, 1.0))      # lexical 2, cosine 2nd
+    c = store.add_episode(3_000, "a horse in a field", "caption", _unit(0))               # no word, cosine 1st
+    return a, b, c
+
+
+def test_reciprocal_rank_fusion_by_hand(store):
+    a, b, c = _fusion_world(store)
+    got = store.search("zebra mango", _unit(0), k=3)
+    expected = {a: 1 / 61 + 1 / 63, b: 1 / 62 + 1 / 62, c: 0 + 1 / 61}
+    assert [h.episode.id for h in got] == [a, b, c]  # 0.032266 > 0.032258 > 0.016393
+    for h in got:
+        assert h.score == pytest.approx(expected[h.episode.id], abs=1e-12)
+    assert [(h.lexical_rank, h.embedding_rank) for h in got] == [(1, 3), (2, 2), (0, 1)]
+    assert [h.matched_by for h in got] == ["lexical+embedding", "lexical+embedding", "embedding"]
+    np.testing.assert_allclose([h.embedding_score for h in got], [1 / np.sqrt(10), 1 / np.sqrt(2), 1.0], atol=1e-6)
+    assert got[0].lexical_score > got[1].lexical_score > 0 and got[2].lexical_score == 0
+    # One input alone: its own ranking.
+    assert [h.episode.id for h in store.search("zebra mango", None, k=3)] == [a, b]
+    assert [h.matched_by for h in store.search("zebra", None, k=3)] == ["lexical", "lexical"]
+    assert [h.episode.id for h in store.search(None, _unit(0), k=3)] == [c, b, a]
+    assert np.isnan(store.search("zebra", None, k=1)[0].embedding_score)
+
+
+def test_time_window_applies_to_both_rankings(store):
+    a, b, c = _fusion_world(store)
+    got = store.search("zebra mango", _unit(0), k=5, start_ns=1_500, end_ns=9_000)
+    assert [h.episode.id for h in got] == [b, c]  # a (best lexical) and the filler lie outside
+    assert [(h.lexical_rank, h.embedding_rank) for h in got] == [(1, 2), (0, 1)]  # ranks within the window
+    assert store.lexical_search("zebra", 5, start_ns=0, end_ns=1_500) == store.lexical_search("zebra", 5)[1:]
+    assert store.search("zebra", _unit(0), k=5, start_ns=50_000) == []
+    assert store.search("giraffe", None, k=5) == []
+
+
+def test_equal_captions_share_a_lexical_rank_and_the_embedding_decides(store):
+    old = store.add_episode(1, "a blue star", "caption", _unit(1))
+    new = store.add_episode(2, "a blue star", "caption", _unit(2))
+    got = store.search("blue star", _unit(1), k=2)
+    assert [h.lexical_rank for h in got] == [1, 1]
+    assert [h.episode.id for h in got] == [old, new]
+    assert [h.episode.id for h in store.search("blue star", _unit(2), k=2)] == [new, old]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(text=None, embedding=None), "text, an embedding, or both"),
+    (dict(text="  ", embedding=None), "text, an embedding, or both"),
+    (dict(text=b"cat"), "text"),
+    (dict(text="cat", k=0), "k:"),
+    (dict(text="cat", start_ns=5, end_ns=1), "start_ns"),
+    (dict(text="cat", embedding=np.zeros(DIM, np.float32)), "non-zero"),
+])
+def test_search_validation(store, kwargs, fragment):
+    with pytest.raises(StoreInputError, match=fragment):
+        store.search(**kwargs)
