@@ -4,16 +4,59 @@ A thin adapter: ROS callbacks (one executor thread) only convert and enqueue (bo
 one worker thread runs the model (episodes, descriptions). The model lock is taken per decoded token,
 so a query is answered while a description is being generated. Everything model- or storage-shaped
 is ``bitmar_core``.
+
+Rules at the door (each counted in ``/diagnostics``):
+
+- A frame that cannot be converted is rejected (``frame_rejected``). A frame whose header stamp is
+  not positive (``sec * 10**9 + nanosec <= 0``: unset, or negative on the wire) is accepted, and its
+  stamp is replaced by the node's clock when its callback runs (``frame_stamp_replaced``; logged at
+  most every 10 s): pairing uses reception times anyway, the stamp only labels the episode, and a
+  camera driver that never stamps its frames still works. The replaced stamp is what the episode is
+  stored under and what ``episodes`` / ``description_stream`` carry.
+- A blank or oversized caption is rejected (``text_rejected``); a caption with no camera frame within
+  ``pair_tolerance_s`` of its reception is rejected as well (``text_rejected`` and
+  ``text_unpaired``); when the caption queue is full the oldest caption is dropped (``text_dropped``).
+- Rejection reasons quote hostile input: each is clipped to ``MAX_REASON_BYTES`` before it is counted,
+  kept or logged; the node keeps (and logs once) at most ``MAX_LOGGED_REASONS`` distinct reasons and
+  ``MAX_REASONS_BYTES`` bytes of them, then only counts. Service replies quote at most
+  ``MAX_REPLY_BYTES``; a log line is at most ``MAX_LOG_BYTES`` (a traceback ``MAX_TRACEBACK_BYTES``).
+
+Logging: every line goes through ``NodeLog`` (``self._log``), never through ``get_logger()`` directly.
+rclpy's logger keys its filters (throttle, once, ...) by call site, and in rclpy 9 the deprecated
+``.warn`` wrapper makes all ``.warn(...)`` calls one call site, so mixing plain and throttled calls
+raised ``ValueError`` in whichever thread logged second (it killed the worker and the executor).
+``NodeLog`` calls the rclpy logger from one fixed line per severity and never with rclpy filters;
+throttling is its own, per key.
+
+No silent death: every thread the node runs is guarded. The worker's loop runs under
+``_run_guarded``; each executor callback is wrapped by ``_guarded`` and the executor's spin loop in
+``spin`` catches what escapes it. An unexpected exception is logged with its traceback, counted
+(``worker_errors`` for a job, ``callback_errors``, ``thread_crashes``), and makes ``/diagnostics``
+report ERROR for ``ERROR_HOLD_S`` seconds; a crashed loop is restarted after a short back-off
+(``thread_restarts``). Restarting in place was chosen over exiting for ``respawn``: the queued
+captions (pinned to their frames) and the loaded model survive, and a restart takes milliseconds
+instead of seconds of model loading during which the camera is not heard. A loop that crashes
+``CRASH_LOOP_COUNT`` times within ``CRASH_LOOP_WINDOW_S`` is not fixable from inside: the node then
+shuts down cleanly and exits with code ``EXIT_CRASH_LOOP`` (3), for ``respawn`` to bring it back.
+
+Shutdown: the node handles SIGINT and SIGTERM itself (rclpy's handlers would shut the ROS context
+down at once, under a worker still publishing). It stops the worker, persists the memory state,
+closes the store, then destroys the node and shuts rclpy down (which also ends rclpy's signal
+thread), and exits 0. A second signal during shutdown acts as the default one.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import os
+import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -22,7 +65,9 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.logging import LoggingSeverity
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.subscription import MessageInfo
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
@@ -34,13 +79,26 @@ from bitmar_core.store import EpisodeStore, StoreError, StoreWriteError, make_th
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode
-from bitmar_ros.pairing import CaptionQueue
+from bitmar_ros.pairing import CaptionQueue, RecentFrames
 from bitmar_ros.srv import QueryMemory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT_NAME = "bitmar_default.safetensors"
 MAX_LOGGED_REASONS = 1000  # distinct rejection reasons logged before the node only counts them
-RECENT_FRAMES = 32  # ~1 s at 30 Hz: frames handled before a late caption callback that may pair with it
+MAX_REASONS_BYTES = 256 * 1024  # ... and the bytes of those reasons
+MAX_REASON_BYTES = 512  # one rejection reason (it quotes hostile input) as counted, kept and logged
+MAX_REPLY_BYTES = 1024  # the message of a service reply
+MAX_LOG_BYTES = 2048  # one log line
+MAX_TRACEBACK_BYTES = 16384  # one log line holding a traceback
+ERROR_HOLD_S = 60.0  # /diagnostics says ERROR this long after an unexpected exception
+CRASH_LOOP_COUNT = 5  # crashes of one loop within CRASH_LOOP_WINDOW_S: exit for respawn instead
+CRASH_LOOP_WINDOW_S = 60.0
+EXIT_CRASH_LOOP = 3
+# Frames handled before a late caption callback that may pair with it (pairing.RecentFrames): all of
+# the last 0.5 s, older ones 0.2 s apart, 32 in all (~3.5 s at 30 Hz, ~5.5 s at 10 Hz).
+RECENT_FRAMES = 32
+RECENT_DENSE_NS = 500_000_000
+RECENT_SPARSE_GAP_NS = 200_000_000
 CAMERA_LAG_ALLOWANCE_NS = 500_000_000  # how late a camera callback may hand over a frame a caption waits for
 
 
@@ -105,15 +163,131 @@ class _Percentiles:
         return float(np.percentile(np.fromiter(self._v, float), q)) if self._v else float("nan")
 
 
+def clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, ending with a note of how much was cut.
+    Costs O(max_bytes) whatever the length of ``text`` (hostile input may be megabytes)."""
+    if len(text) * 4 <= max_bytes:  # short enough whatever its characters
+        return text
+    head = text[:max_bytes].encode("utf-8", "backslashreplace")
+    if len(head) <= max_bytes and len(text) <= max_bytes:
+        return text
+    note_room = 48
+    kept = head[:max(0, max_bytes - note_room)].decode("utf-8", "ignore")
+    return f"{kept}... [{len(text) - len(kept)} more characters cut]"
+
+
+class NodeLog:
+    """The node's only way to log (see the module docstring): rclpy's logger is called from one
+    fixed line per severity, never with rclpy's filters, so no call can conflict with another.
+    Lines are clipped to ``max_bytes``; ``every_s`` throttles per ``key`` (a constant of the code, so
+    the table stays small) and the next line of that key says how many were left out."""
+
+    def __init__(self, logger, max_bytes: int = MAX_LOG_BYTES) -> None:
+        self._logger = logger
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self.failures = 0  # lines that could not be logged (reported on stderr instead)
+        self._last: dict[str, float] = {}
+        self._skipped: collections.Counter[str] = collections.Counter()
+
+    def debug(self, message: str, *, every_s: float = 0.0, key: str = "", max_bytes: int = 0) -> bool:
+        return self._log(LoggingSeverity.DEBUG, message, every_s, key, max_bytes)
+
+    def info(self, message: str, *, every_s: float = 0.0, key: str = "", max_bytes: int = 0) -> bool:
+        return self._log(LoggingSeverity.INFO, message, every_s, key, max_bytes)
+
+    def warning(self, message: str, *, every_s: float = 0.0, key: str = "", max_bytes: int = 0) -> bool:
+        return self._log(LoggingSeverity.WARN, message, every_s, key, max_bytes)
+
+    def error(self, message: str, *, every_s: float = 0.0, key: str = "", max_bytes: int = 0) -> bool:
+        return self._log(LoggingSeverity.ERROR, message, every_s, key, max_bytes)
+
+    def fatal(self, message: str, *, every_s: float = 0.0, key: str = "", max_bytes: int = 0) -> bool:
+        return self._log(LoggingSeverity.FATAL, message, every_s, key, max_bytes)
+
+    def _log(self, severity: LoggingSeverity, message: str, every_s: float, key: str, max_bytes: int) -> bool:
+        """Emit ``message`` (False: throttled). Never raises: a failure to log must not become a crash."""
+        try:
+            if every_s > 0:
+                if not key:
+                    raise ValueError("a throttled log line needs a key")
+                now = time.monotonic()
+                with self._lock:
+                    last = self._last.get(key)
+                    if last is not None and now - last < every_s:
+                        self._skipped[key] += 1
+                        return False
+                    self._last[key] = now
+                    skipped = self._skipped.pop(key, 0)
+                if skipped:
+                    message = f"{message} ({skipped} more like this not logged in the last {every_s:g} s)"
+            message = clip(message, max_bytes or self.max_bytes)
+            message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+            # One call site per severity, no rclpy filters: see the class docstring.
+            if severity == LoggingSeverity.DEBUG:
+                self._logger.debug(message)
+            elif severity == LoggingSeverity.INFO:
+                self._logger.info(message)
+            elif severity == LoggingSeverity.WARN:
+                self._logger.warning(message)
+            elif severity == LoggingSeverity.ERROR:
+                self._logger.error(message)
+            else:
+                self._logger.fatal(message)
+            return True
+        except Exception as exc:  # logging must never kill a thread; say so on stderr instead
+            self.failures += 1
+            try:
+                print(f"[bitmar] logging failed ({type(exc).__name__}: {clip(str(exc), 200)}): "
+                      f"{clip(str(message), 500)}", file=sys.stderr, flush=True)
+            except Exception:
+                pass
+            return False
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM handlers that only ask the node to stop (checked by ``BitMarNode.spin``); after
+    the first signal the default handlers are back, so a second one interrupts a hung shutdown."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. main() called from a test): nothing to do
+                pass
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            try:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            except (ValueError, TypeError):
+                pass
+        self._previous = {}
+
+
 class BitMarNode(Node):
     """The BitMar perception node (see module docstring and README)."""
 
     def __init__(self, **node_kwargs) -> None:
         super().__init__("bitmar", **node_kwargs)
+        self._log = NodeLog(self.get_logger())
         self._cfg = self._declare_parameters()
         self._lock = threading.Condition()
         self._stopping = False
+        self.exit_code: int | None = None  # set when the node must exit (a crash loop): see spin()
         self._counters = collections.Counter()
+        self._last_unexpected: tuple[float, str] | None = None  # (monotonic time, what) for /diagnostics
+        self._crash_times: dict[str, collections.deque[float]] = {}
         self._lat_first = _Percentiles()
         self._lat_final = _Percentiles()
         self._lat_episode = _Percentiles()
@@ -122,7 +296,7 @@ class BitMarNode(Node):
         self._lat_text_cb = _Percentiles()
         self._latest: Frame | None = None  # descriptions take the newest frame only
         # The newest few frames handled, for captions whose callback runs after a frame received later.
-        self._recent: collections.deque[Frame] = collections.deque(maxlen=RECENT_FRAMES)
+        self._recent: RecentFrames[Frame] = RecentFrames(RECENT_FRAMES, RECENT_DENSE_NS, RECENT_SPARSE_GAP_NS)
         self._texts: CaptionQueue[Frame] = CaptionQueue(self._cfg["text_queue_size"])
         self._frame_seq = 0
         self._last_described_seq = -1
@@ -130,6 +304,8 @@ class BitMarNode(Node):
         self._next_describe_ns = 0
         self._stream_id = 0
         self._rejections: set[str] = set()
+        self._rejections_bytes = 0
+        self._rejections_full = False
 
         self._runtime = self._load_runtime()
         self._store = self._open_store()
@@ -139,24 +315,34 @@ class BitMarNode(Node):
                          reliability=(ReliabilityPolicy.BEST_EFFORT if self._cfg["qos_reliability"] == "best_effort"
                                       else ReliabilityPolicy.RELIABLE))
         if self._cfg["use_compressed"]:
-            self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self.on_compressed_image, qos)
+            self._image_sub = self.create_subscription(
+                CompressedImage, "image/compressed", self._guarded("image", self.on_compressed_image), qos)
         else:
-            self._image_sub = self.create_subscription(Image, "image", self.on_image, qos)
-        self._text_sub = self.create_subscription(String, "text", self.on_text, 50)
+            self._image_sub = self.create_subscription(Image, "image", self._guarded("image", self.on_image), qos)
+        self._text_sub = self.create_subscription(String, "text", self._guarded("text", self.on_text), 50)
         self._desc_pub = self.create_publisher(Description, "description_stream", 100)
         self._final_pub = self.create_publisher(String, "description", 10)
         self._episode_pub = self.create_publisher(Episode, "episodes", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._query_srv = self.create_service(QueryMemory, "~/query_memory", self.on_query_memory)
-        self._save_srv = self.create_service(Trigger, "~/save_memory", self.on_save_memory)
-        self._clear_srv = self.create_service(Trigger, "~/clear_memory", self.on_clear_memory)
+        self._query_srv = self.create_service(QueryMemory, "~/query_memory", self._guarded(
+            "query_memory", self.on_query_memory,
+            lambda why: QueryMemory.Response(success=False, message=f"internal error: {why}")))
+        self._save_srv = self.create_service(Trigger, "~/save_memory", self._guarded(
+            "save_memory", self.on_save_memory, lambda why: Trigger.Response(success=False, message=f"internal error: {why}")))
+        self._clear_srv = self.create_service(Trigger, "~/clear_memory", self._guarded(
+            "clear_memory", self.on_clear_memory, lambda why: Trigger.Response(success=False, message=f"internal error: {why}")))
         self._diag_timer = None
         self._reset_diag_timer()
-        self.add_on_set_parameters_callback(self.on_set_parameters)
+        self.add_on_set_parameters_callback(self._guarded(
+            "set_parameters", self.on_set_parameters,
+            lambda why: SetParametersResult(successful=False, reason=f"internal error: {why}")))
 
-        self._worker = threading.Thread(target=self._work_loop, name="bitmar-worker", daemon=True)
+        # Daemon only so that a worker wedged in native code cannot keep the process alive after
+        # shutdown() gave up joining it; shutdown() joins it in every normal case.
+        self._worker = threading.Thread(target=self._run_guarded, args=("worker", self._work_loop),
+                                        name="bitmar-worker", daemon=True)
         self._worker.start()
-        self.get_logger().info(
+        self._log.info(
             f"ready: checkpoint={self._checkpoint} backbone={self._runtime.backbone_name} "
             f"store={self._store_dir} episodes={self._store.count()}")
 
@@ -225,7 +411,7 @@ class BitMarNode(Node):
             self._runtime.load_memory_state(state)
         except (RuntimeError_, ValueError) as exc:
             raise StartupError(f"memory state in '{self._store_dir}' does not fit the model: {exc}") from exc
-        self.get_logger().info(f"restored episodic memory ({self._runtime.memory_writes} writes)")
+        self._log.info(f"restored episodic memory ({self._runtime.memory_writes} writes)")
 
     # ------------------------------------------------------------------ callbacks (never block on the model)
     def on_image(self, msg: Image, info: MessageInfo) -> None:
@@ -247,12 +433,22 @@ class BitMarNode(Node):
         scale = t / max(rgb.shape[:2])
         thumb = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))),
                            interpolation=cv2.INTER_AREA) if scale < 1 else np.array(rgb)
+        stamp_ns = _stamp_ns(msg.header.stamp)
+        if stamp_ns <= 0:  # unset or negative: the node's clock stands in (module docstring)
+            given = f"sec={msg.header.stamp.sec} nanosec={msg.header.stamp.nanosec}"
+            now = self.get_clock().now()
+            msg.header.stamp = now.to_msg()
+            stamp_ns = now.nanoseconds
+            self._counters["frame_stamp_replaced"] += 1
+            self._log.warning(f"frame header stamp {given} is not positive: the frame is stamped with the node's "
+                              f"clock ({stamp_ns} ns) instead (counted in frame_stamp_replaced)",
+                              every_s=10.0, key="stamp_replaced")
         with self._lock:
             self._frame_seq += 1
             if self._latest is not None and self._latest.seq > self._last_described_seq:
                 self._counters["frames_skipped"] += 1  # superseded before being described: latest-frame policy
-            self._latest = Frame(self._frame_seq, _stamp_ns(msg.header.stamp), recv_ns, msg.header, small, thumb)
-            self._recent.append(self._latest)
+            self._latest = Frame(self._frame_seq, stamp_ns, recv_ns, msg.header, small, thumb)
+            self._recent.add(self._latest)
             self._texts.on_frame(self._latest)
             self._counters["frames_received"] += 1
             self._lock.notify_all()
@@ -270,23 +466,115 @@ class BitMarNode(Node):
             return
         with self._lock:
             # Paired with the frames around its arrival now, not when the worker gets to it.
-            if self._texts.add(text, t_ns, self._recent) is not None:
+            dropped = self._texts.add(text, t_ns, self._recent)
+            if dropped is not None:
                 self._counters["text_dropped"] += 1
-                self.get_logger().warn("caption queue full: dropped the oldest caption", throttle_duration_sec=5.0)
             self._counters["text_received"] += 1
             self._lock.notify_all()
+        if dropped is not None:
+            self._log.warning(f"caption queue full (text_queue_size={self._texts.maxlen}): dropped the oldest "
+                              f"caption {clip(dropped.text, 80)!r} (counted in text_dropped)",
+                              every_s=5.0, key="text_dropped")
 
     def _reject(self, what: str, reason: str) -> None:
         """Count a rejected input; log each distinct reason once (then only count), so a flood of bad
-        input cannot flood the log."""
-        self._counters[f"{what}_rejected"] += 1
+        input cannot flood the log. The reason is clipped to MAX_REASON_BYTES first (it may quote
+        megabytes of hostile input), and the set of reasons is bounded in count and bytes."""
+        reason = clip(reason, MAX_REASON_BYTES)
         key = f"{what}:{reason}"
-        if key not in self._rejections and len(self._rejections) < MAX_LOGGED_REASONS:
-            self._rejections.add(key)
-            self.get_logger().warn(f"rejected {what}: {reason}")
-            if len(self._rejections) == MAX_LOGGED_REASONS:
-                self.get_logger().warn(f"{MAX_LOGGED_REASONS} distinct rejection reasons logged; further "
-                                       "rejections are only counted (see /diagnostics *_rejected)")
+        size = len(key.encode("utf-8", "backslashreplace"))
+        with self._lock:
+            self._counters[f"{what}_rejected"] += 1
+            new = key not in self._rejections
+            fits = len(self._rejections) < MAX_LOGGED_REASONS and self._rejections_bytes + size <= MAX_REASONS_BYTES
+            if new and fits:
+                self._rejections.add(key)
+                self._rejections_bytes += size
+            first_full = new and not fits and not self._rejections_full
+            if first_full:
+                self._rejections_full = True
+        if new and fits:
+            self._log.warning(f"rejected {what}: {reason}")
+        elif first_full:
+            self._log.warning(f"{len(self._rejections)} distinct rejection reasons ({self._rejections_bytes} bytes) "
+                              "logged; further new reasons are only counted (see /diagnostics *_rejected)")
+
+    # ------------------------------------------------------------------ guards (no silent death)
+    def _report_unexpected(self, where: str, exc: BaseException, counter: str) -> None:
+        """Log an unexpected exception with its traceback, count it, and make /diagnostics say ERROR."""
+        what = f"{type(exc).__name__} in {where}: {clip(str(exc), 200)}"
+        with self._lock:
+            self._counters[counter] += 1
+            self._last_unexpected = (time.monotonic(), what)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        self._log.error(f"unexpected {what} (counted in {counter})\n{tb}", max_bytes=MAX_TRACEBACK_BYTES)
+
+    def _guarded(self, name: str, callback: Callable, fallback: Callable[[str], object] | None = None) -> Callable:
+        """``callback`` for the executor, under the guard: an exception is reported (see
+        ``_report_unexpected``) instead of propagating out of ``spin`` and ending the process; a
+        service or parameter callback then answers ``fallback(reason)``."""
+        @functools.wraps(callback)  # keeps the signature rclpy inspects (message info or not)
+        def run(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except Exception as exc:
+                self._report_unexpected(f"callback {name}", exc, "callback_errors")
+                return fallback(clip(f"{type(exc).__name__}: {exc}", 200)) if fallback is not None else None
+        return run
+
+    def _run_guarded(self, name: str, loop: Callable[[], None]) -> None:
+        """Run a thread's ``loop`` until it returns. An exception is reported and the loop restarted
+        after a back-off (0.05 s, doubling to 5 s); ``CRASH_LOOP_COUNT`` crashes within
+        ``CRASH_LOOP_WINDOW_S`` make the node exit with ``EXIT_CRASH_LOOP`` instead (see module docstring)."""
+        backoff = 0.05
+        while True:
+            started = time.monotonic()
+            try:
+                loop()
+                return
+            except BaseException as exc:  # noqa: BLE001 - nothing may end this thread unseen
+                self._report_unexpected(f"the {name} thread", exc, "thread_crashes")
+                if time.monotonic() - started > CRASH_LOOP_WINDOW_S:
+                    backoff = 0.05
+                if self._crash_loop(name):
+                    return
+                with self._lock:
+                    if self._lock.wait_for(lambda: self._stopping, timeout=backoff):
+                        return
+                backoff = min(5.0, 2 * backoff)
+                self._counters["thread_restarts"] += 1
+                self._log.warning(f"restarting the {name} thread")
+
+    def _crash_loop(self, name: str) -> bool:
+        """Record a crash of ``name``; True (and an exit requested) when it crashes in a loop."""
+        times = self._crash_times.setdefault(name, collections.deque(maxlen=CRASH_LOOP_COUNT))
+        now = time.monotonic()
+        times.append(now)
+        if len(times) < CRASH_LOOP_COUNT or now - times[0] > CRASH_LOOP_WINDOW_S:
+            return False
+        self.request_exit(EXIT_CRASH_LOOP, f"the {name} thread crashed {len(times)} times within "
+                                           f"{CRASH_LOOP_WINDOW_S:g} s")
+        return True
+
+    def request_exit(self, code: int, why: str) -> None:
+        """Ask ``spin`` to return ``code`` (the process then shuts down cleanly and exits with it)."""
+        with self._lock:
+            if self.exit_code is None:
+                self.exit_code = code
+        self._log.fatal(f"{why}: shutting down with exit code {code} (for respawn to restart the node)")
+
+    def spin(self, executor, stop: "_StopSignals | None" = None) -> int:
+        """Spin ``executor`` until a stop signal, an exit request or rclpy shutdown; the exit code.
+        An exception escaping the executor is reported and spinning goes on (crash loops: exit)."""
+        while self.context.ok() and self.exit_code is None and not (stop is not None and stop.requested):
+            try:
+                executor.spin_once(timeout_sec=0.25)
+            except ExternalShutdownException:
+                break
+            except Exception as exc:
+                self._report_unexpected("the executor thread", exc, "thread_crashes")
+                self._crash_loop("executor")
+        return self.exit_code or 0
 
     # ------------------------------------------------------------------ worker
     def _work_loop(self) -> None:
@@ -301,9 +589,8 @@ class BitMarNode(Node):
                     return
             try:
                 job()
-            except Exception as exc:  # a bug must not kill the worker silently
-                self._counters["worker_errors"] += 1
-                self.get_logger().error(f"worker error: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # one failed job: report it and go on with the next
+                self._report_unexpected("a worker job", exc, "worker_errors")
 
     def _idle_wait_s(self) -> float:
         """How long the idle worker sleeps (new frames and captions wake it earlier). Never 0: with a
@@ -326,9 +613,10 @@ class BitMarNode(Node):
             self._reject("text", f"no camera frame within pair_tolerance_s={self._cfg['pair_tolerance_s']} "
                                  "of the caption")
             self._counters["text_unpaired"] += 1
-            self.get_logger().warn(f"unpaired caption {caption.text[:40]!r}: nearest frames "
-                                   f"{_gap_s(caption.before, caption.t_ns)} before, "
-                                   f"{_gap_s(caption.after, caption.t_ns)} after", throttle_duration_sec=1.0)
+            self._log.warning(f"unpaired caption {clip(caption.text, 40)!r}: nearest frames "
+                              f"{_gap_s(caption.before, caption.t_ns)} before, "
+                              f"{_gap_s(caption.after, caption.t_ns)} after (counted in text_unpaired)",
+                              every_s=1.0, key="text_unpaired")
         frame = self._latest
         if frame is None or frame.seq == self._last_described_seq:
             return None
@@ -359,14 +647,14 @@ class BitMarNode(Node):
         except StoreError as exc:
             self._runtime.load_memory_state(before)  # RAM must not hold a write the store does not
             self._counters["store_errors"] += 1
-            self.get_logger().error(f"episode not stored ({exc}); memory and store unchanged")
+            self._log.error(f"episode not stored ({exc}); memory and store unchanged")
             return
         self._counters[f"episodes_{source}"] += 1
         self._lat_episode.add(time.monotonic() - t0)
         if received_ns:
             self._lat_caption.add((time.time_ns() - received_ns) / 1e9)  # waiting in the queue included
         # The acknowledgement line is what the reliability tests hold the store to.
-        self.get_logger().info(f"episode {ep_id} committed [{source}]: {caption[:80]!r}")
+        self._log.info(f"episode {ep_id} committed [{source}]: {caption[:80]!r}")
         msg = Episode(id=ep_id, caption=caption, source=source, score=1.0)
         msg.stamp = frame.header.stamp
         msg.thumbnail.header = frame.header
@@ -406,28 +694,22 @@ class BitMarNode(Node):
 
     # ------------------------------------------------------------------ services
     def on_query_memory(self, req: QueryMemory.Request, resp: QueryMemory.Response) -> QueryMemory.Response:
-        try:
-            return self._query_memory(req, resp)
-        except Exception as exc:  # a bug in one request must not take the executor (and node) down
-            self._counters["worker_errors"] += 1
-            self.get_logger().error(f"query failed: {type(exc).__name__}: {exc}")
-            return QueryMemory.Response(success=False, message=f"internal error: {type(exc).__name__}: {exc}")
-
-    def _query_memory(self, req: QueryMemory.Request, resp: QueryMemory.Response) -> QueryMemory.Response:
+        """The query service (registered under the guard: a bug answers success=False)."""
         self._counters["queries"] += 1
         t0 = time.monotonic()
         problem = self._check_query(req)
         if problem:
             self._counters["queries_rejected"] += 1
-            resp.success, resp.message = False, problem
-            self.get_logger().warn(f"rejected query: {problem}")
+            resp.success, resp.message = False, clip(problem, MAX_REPLY_BYTES)
+            self._log.warning(f"rejected query: {clip(problem, MAX_REASON_BYTES)}", every_s=1.0, key="query_rejected")
             return resp
         code = None
         if len(req.image.data):
             try:
                 code = self._runtime.embed_frame(image_to_rgb8(req.image))
             except ImageConversionError as exc:
-                resp.success, resp.message = False, f"query image: {exc}"
+                self._counters["queries_rejected"] += 1
+                resp.success, resp.message = False, f"query image: {clip(str(exc), MAX_REASON_BYTES)}"
                 return resp
         emb = self._runtime.embed_query(req.text or None, code)
         start = _stamp_ns(req.start) or None
@@ -435,7 +717,7 @@ class BitMarNode(Node):
         try:
             hits = self._store.query(emb, int(req.k), start_ns=start, end_ns=end)
         except StoreError as exc:
-            resp.success, resp.message = False, f"store: {exc}"
+            resp.success, resp.message = False, clip(f"store: {exc}", MAX_REPLY_BYTES)
             return resp
         for ep, score in hits:
             m = Episode(id=ep.id, caption=ep.caption, source=ep.source, score=float(score))
@@ -467,7 +749,7 @@ class BitMarNode(Node):
             self._store.put_memory_state(self._runtime.memory_state())
             self._store.checkpoint()
         except StoreError as exc:
-            resp.success, resp.message = False, str(exc)
+            resp.success, resp.message = False, clip(str(exc), MAX_REPLY_BYTES)
             return resp
         resp.success, resp.message = True, f"saved {self._store.count()} episodes and the memory state"
         return resp
@@ -482,10 +764,10 @@ class BitMarNode(Node):
                 self._runtime.load_memory_state(before)
                 raise
         except StoreError as exc:
-            resp.success, resp.message = False, str(exc)
+            resp.success, resp.message = False, clip(str(exc), MAX_REPLY_BYTES)
             return resp
         resp.success, resp.message = True, "episodic memory cleared"
-        self.get_logger().info("episodic memory cleared")
+        self._log.info("episodic memory cleared")
         return resp
 
     # ------------------------------------------------------------------ parameters and diagnostics
@@ -514,12 +796,17 @@ class BitMarNode(Node):
             self.destroy_timer(self._diag_timer)
             self._diag_timer = None
         if self._cfg["diagnostics_rate_hz"] > 0:
-            self._diag_timer = self.create_timer(1.0 / self._cfg["diagnostics_rate_hz"], self.on_diagnostics_timer)
+            self._diag_timer = self.create_timer(1.0 / self._cfg["diagnostics_rate_hz"],
+                                                 self._guarded("diagnostics", self.on_diagnostics_timer))
 
     def stats(self) -> dict[str, float]:
         with self._lock:
             s = {k: float(v) for k, v in self._counters.items()}
             s["text_queue"] = float(len(self._texts))
+            s["rejection_reasons"] = float(len(self._rejections))
+            s["rejection_reasons_bytes"] = float(self._rejections_bytes)
+        if self._log.failures:
+            s["log_failures"] = float(self._log.failures)
         s["episodes_stored"] = float(self._store.count())
         s["memory_writes"] = float(self._runtime.memory_writes)
         for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode),
@@ -536,31 +823,49 @@ class BitMarNode(Node):
         return s
 
     def on_diagnostics_timer(self) -> None:
-        s = self.stats()
-        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: bitmar", hardware_id="bitmar",
-                                  level=DiagnosticStatus.OK, message="running")
-        if s.get("worker_errors", 0) or s.get("store_errors", 0):
-            status.level, status.message = DiagnosticStatus.WARN, "errors occurred (see log)"
-        status.values = [KeyValue(key=k, value=f"{v:.6g}") for k, v in sorted(s.items())]
-        arr = DiagnosticArray(status=[status])
+        arr = DiagnosticArray(status=[self.diagnostic_status()])
         arr.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(arr)
 
+    def diagnostic_status(self) -> DiagnosticStatus:
+        """The node's status for /diagnostics: ERROR for ERROR_HOLD_S after an unexpected exception,
+        WARN once errors occurred, else OK; the values are ``stats()``."""
+        s = self.stats()
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: bitmar", hardware_id="bitmar",
+                                  level=DiagnosticStatus.OK, message="running")
+        last = self._last_unexpected
+        if last is not None and time.monotonic() - last[0] <= ERROR_HOLD_S:
+            status.level = DiagnosticStatus.ERROR
+            status.message = clip(f"unexpected {last[1]} {time.monotonic() - last[0]:.0f} s ago (see log)", 400)
+        elif any(s.get(k, 0) for k in ("worker_errors", "callback_errors", "thread_crashes", "store_errors", "log_failures")):
+            status.level, status.message = DiagnosticStatus.WARN, "errors occurred (see log)"
+        status.values = [KeyValue(key=k, value=f"{v:.6g}") for k, v in sorted(s.items())]
+        return status
+
+    def worker_alive(self) -> bool:
+        return self._worker.is_alive()
+
     def shutdown(self) -> None:
-        """Stop the worker, then persist the memory state (reads changed its usage) and close."""
+        """Stop the worker (it finishes its job: the ROS context is still up), then persist the
+        memory state (reads changed its usage) and close the store."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
         self._worker.join(timeout=30)
+        if self._worker.is_alive():
+            self._log.error("the worker did not stop within 30 s; closing the store under it")
         try:
             self._store.put_memory_state(self._runtime.memory_state())
         except StoreError as exc:
-            self.get_logger().error(f"memory state not saved at shutdown: {exc}")
+            self._log.error(f"memory state not saved at shutdown: {exc}")
         self._store.close()
 
 
 def main(args=None) -> None:
-    rclpy.init(args=args)
+    # Our handlers, not rclpy's: rclpy's shut the context down at once from its signal thread,
+    # while the worker was still publishing ("publisher's context is invalid").
+    stop = _StopSignals()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = BitMarNode()
     except StartupError as exc:
@@ -573,15 +878,22 @@ def main(args=None) -> None:
     # samples where a thread held it (py-spy --gil), leaving the model thread 17%.
     executor = SingleThreadedExecutor()
     executor.add_node(node)
+    code = 0
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        code = node.spin(executor, stop)
     finally:
+        # Order matters: the worker stops while the context is still valid, the store closes,
+        # and rclpy.shutdown() last also joins rclpy's signal thread.
         node.shutdown()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+        stop.restore()
+    if node.worker_alive():  # wedged in native code: finalizing Python under it could abort the process
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

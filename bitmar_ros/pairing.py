@@ -10,13 +10,20 @@ under a burst (a 30 Hz camera, 5 Hz captions, queries and 64-token descriptions 
 worker may reach a caption seconds later, when a bounded frame history would already have dropped
 its frame. The queue of captions is the only thing that grows with the backlog, and it is bounded.
 
+A caption's candidates come from the frames already handled when its callback runs
+(``RecentFrames``). That callback may run seconds after the caption arrived (a loaded executor:
+2.4 s was seen), so the ring of recent frames spans seconds while holding a bounded number of
+frames: every frame of the newest ``dense_ns``, older ones thinned to at least ``sparse_gap_ns``
+apart. A late caption then still finds a frame within ``sparse_gap_ns / 2`` of its arrival, instead
+of being refused for want of a frame that had merely been pushed out of a short ring.
+
 ROS-free and clock-free (times are passed in), so the rule is unit-tested directly.
 """
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Generic, Iterable, Protocol, TypeVar
+from typing import Generic, Iterable, Iterator, Protocol, TypeVar
 
 
 class _Stamped(Protocol):
@@ -81,6 +88,37 @@ class CaptionQueue(Generic[F]):
         self._q.popleft()
         cands = [f for f in (c.before, c.after) if f is not None and abs(f.recv_ns - c.t_ns) <= tol_ns]
         return c, min(cands, key=lambda f: abs(f.recv_ns - c.t_ns), default=None)
+
+
+class RecentFrames(Generic[F]):
+    """The newest frames handled, in handling order: all of the last ``dense_ns`` (by reception
+    time, relative to the newest), older ones at least ``sparse_gap_ns`` apart, at most ``maxlen``."""
+
+    def __init__(self, maxlen: int, dense_ns: int, sparse_gap_ns: int) -> None:
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        self.maxlen, self.dense_ns, self.sparse_gap_ns = maxlen, dense_ns, sparse_gap_ns
+        self._frames: list[F] = []
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __iter__(self) -> Iterator[F]:
+        return iter(list(self._frames))
+
+    def add(self, frame: F) -> None:
+        """Add the frame just handled; thin the older ones; O(maxlen)."""
+        self._frames.append(frame)
+        newest = max(f.recv_ns for f in self._frames)
+        kept: list[F] = []
+        last_sparse: F | None = None
+        for f in self._frames:  # oldest first: the sparse frames keep their spacing as they age
+            if newest - f.recv_ns <= self.dense_ns:
+                kept.append(f)
+            elif last_sparse is None or f.recv_ns - last_sparse.recv_ns >= self.sparse_gap_ns:
+                kept.append(f)
+                last_sparse = f
+        self._frames = kept[-self.maxlen:]
 
 
 def _offer(c: PendingCaption[F], f: F) -> None:

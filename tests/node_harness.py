@@ -46,10 +46,10 @@ def write_tiny_checkpoint(path: Path, **overrides) -> Path:
 class ChildProcess:
     """A child OS process (ROS environment, repo on PYTHONPATH) whose output is collected line by line."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=child_env(), cwd=str(REPO))
+                                     env=child_env(**(env or {})), cwd=str(REPO))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -61,12 +61,13 @@ class ChildProcess:
 class NodeProcess(ChildProcess):
     """The node as a child process with its stdout collected line by line (acks, warnings)."""
 
-    def __init__(self, checkpoint: Path, store_dir: Path, *params: str, name: str = "bitmar") -> None:
-        args = [sys.executable, NODE_EXE, "--ros-args", "-r", f"__node:={name}",
+    def __init__(self, checkpoint: Path, store_dir: Path, *params: str, name: str = "bitmar",
+                 exe: str = NODE_EXE, env: dict[str, str] | None = None) -> None:
+        args = [sys.executable, exe, "--ros-args", "-r", f"__node:={name}",
                 "-p", f"checkpoint:={checkpoint}", "-p", f"store_dir:={store_dir}"]
         for p in params:
             args += ["-p", p]
-        super().__init__(args)
+        super().__init__(args, env=env)
 
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -137,6 +138,13 @@ class Harness:
         if image is not None:
             req.image = image
         return self.call(self.query, req)
+
+    def latest_status(self):
+        """The newest diagnostic_msgs/DiagnosticStatus received, or None."""
+        for arr in reversed(self.diagnostics):
+            for st in arr.status:
+                return st
+        return None
 
     def latest_stat(self, key: str) -> float | None:
         for arr in reversed(self.diagnostics):
