@@ -39,6 +39,7 @@ import re
 import sqlite3
 import threading
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -243,6 +244,8 @@ class _EmbeddingIndex:
 class EpisodeStore:
     """Persistent episodes + episodic memory state; see the module docstring for the layout."""
 
+    read_only = False  # True when opened by ``open_read_only``
+
     def __init__(self, conn: sqlite3.Connection, path: Path, embedding_dim: int, identity: str) -> None:
         """Use ``EpisodeStore.open``."""
         self._conn: sqlite3.Connection | None = conn
@@ -421,6 +424,81 @@ class EpisodeStore:
                 index.append(episode_id, stamp_ns, emb / norm)
             self._index = index
 
+    # ------------------------------------------------------------------ reading beside a writer
+    @classmethod
+    def open_read_only(cls, directory: str | os.PathLike, embedding_dim: int, identity: str) -> "EpisodeStore":
+        """Open an existing store for reading only, e.g. beside the node that writes it: in WAL mode
+        readers and the writer do not block each other. Nothing is created, migrated or written
+        (a write raises ``StoreWriteError``). The embedding index holds what was committed at open;
+        ``refresh()`` or ``snapshot()`` take in what the writer committed since."""
+        if not _is_int(embedding_dim) or not 1 <= embedding_dim <= MAX_EMBEDDING_DIM:
+            raise StoreInputError(
+                f"embedding_dim: expected an int in [1, {MAX_EMBEDDING_DIM}], got {embedding_dim!r}")
+        _check_text("identity", identity, MAX_IDENTITY_BYTES, allow_empty=False)
+        path = Path(directory) / DB_FILENAME
+        if not path.is_file() or path.stat().st_size == 0 or \
+                not cls._validate_existing(path, int(embedding_dim), identity):
+            raise StoreNotFoundError(f"no episode store at {path} (a read-only open creates none)")
+        uri = f"file:{urllib.parse.quote(path.resolve().as_posix())}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {path} read-only: {e}") from e
+        store = cls(conn, path, int(embedding_dim), identity)
+        store.read_only = True
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only = ON")
+            store._migrate()  # nothing to do unless the store needs migrating: then it raises
+            store._load_index()
+        except BaseException as e:
+            store.close()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot open {path} read-only: {e}") from e
+            raise
+        return store
+
+    def refresh(self) -> int:
+        """Take in the episodes that another connection committed since the open or the last
+        refresh (the whole index again after a ``clear()`` there). Returns the episode count."""
+        with self._lock:
+            conn = self._require_open()
+            n = self._index.n
+            last = int(self._index.ids[n - 1]) if n else 0
+            rows = self._read(lambda: conn.execute(
+                "SELECT id, stamp_ns, embedding FROM episodes WHERE id > ? ORDER BY id", (last,)).fetchall())
+            total = self._read(lambda: conn.execute("SELECT count(*) FROM episodes").fetchone()[0])
+            if total != n + len(rows):  # episodes went (a clear), or more came between the two reads
+                self._load_index()
+                return self._index.n
+            units = []
+            for episode_id, stamp_ns, blob in rows:
+                emb = self._decode_embedding(episode_id, blob)
+                norm = float(np.linalg.norm(emb))
+                if not np.isfinite(emb).all() or norm == 0.0:
+                    raise StoreCorruptError(f"{self.path}: episode {episode_id} has a non-finite or zero embedding")
+                units.append((episode_id, stamp_ns, emb / norm))
+            self._index.reserve(len(units))
+            for episode_id, stamp_ns, unit in units:
+                self._index.append(episode_id, stamp_ns, unit)
+            return self._index.n
+
+    @contextmanager
+    def snapshot(self):
+        """A block whose reads all see one committed state of the database (one read transaction),
+        with the index refreshed to it, so that a full-text match is never an episode the index
+        has not taken in. For a reader beside a live writer; keep it short, since the writer's
+        WAL checkpoint (``checkpoint()``) waits for it."""
+        with self._lock:
+            conn = self._require_open()
+            conn.execute("BEGIN")
+            try:
+                self.refresh()
+                yield self
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+
     # ------------------------------------------------------------------ writing
     def add_episode(self, stamp_ns: int, caption: str, source: str, embedding: np.ndarray,
                     thumbnail_jpeg: bytes = b"",
@@ -541,6 +619,25 @@ class EpisodeStore:
             arr = np.frombuffer(data, dtype=dtype).reshape(json.loads(shape_json))
             state[name] = arr.astype(dtype.newbyteorder("="), copy=True)
         return state
+
+    def episodes_by_time(self, limit: int, offset: int = 0, newest_first: bool = True,
+                         start_ns: int | None = None, end_ns: int | None = None) -> list[Episode]:
+        """A page of episodes in time order (stamp, then id; newest first unless ``newest_first``
+        is False), skipping ``offset``, each with ``start_ns <= stamp_ns <= end_ns`` (bounds
+        optional): what a timeline shows."""
+        _check_k(limit)
+        if not _is_int(offset) or offset < 0:
+            raise StoreInputError(f"offset: expected an int ≥ 0, got {offset!r}")
+        _check_window(start_ns, end_ns)
+        order = "DESC" if newest_first else "ASC"
+        bounds = (int(start_ns) if start_ns is not None else 0, int(end_ns) if end_ns is not None else MAX_STAMP_NS)
+        with self._lock:
+            conn = self._require_open()
+            rows = self._read(lambda: conn.execute(
+                "SELECT id, stamp_ns, caption, source, embedding, thumbnail FROM episodes"
+                f" WHERE stamp_ns BETWEEN ? AND ? ORDER BY stamp_ns {order}, id {order} LIMIT ? OFFSET ?",
+                (*bounds, int(limit), int(offset))).fetchall())
+            return [self._row_to_episode(r) for r in rows]
 
     def query(self, embedding: np.ndarray, k: int, start_ns: int | None = None,
               end_ns: int | None = None) -> list[tuple[Episode, float]]:
