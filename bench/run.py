@@ -5,7 +5,8 @@
     .venv/bin/python -m bench.run --only decode,positions --no-write
 
 Sections: decode (1), positions (2), vision (3), memory (4), node (5, bench/node_e2e.py; needs the
-bundled checkpoint and ROS, skipped in --quick), footprint (6).
+bundled checkpoint and ROS, skipped in --quick), footprint (6), retrieval (7, bench/retrieval.py; needs
+a checkpoint: recall of lexical / embedding / hybrid memory queries and their latency up to 100k episodes).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from .common import DEFAULT_CHECKPOINT, REPO, machine, packed_model
 
-SECTIONS = ("decode", "positions", "vision", "memory", "node", "footprint")
+SECTIONS = ("decode", "positions", "vision", "memory", "node", "footprint", "retrieval")
 
 
 @dataclass
@@ -45,6 +46,14 @@ def node_section(quick: bool, checkpoint: str, seconds: float):
     return Raw(title, node_e2e.table(node_e2e.run(seconds, checkpoint)), {})
 
 
+def retrieval_section(quick: bool, checkpoint: str):
+    from . import retrieval
+
+    if not Path(checkpoint).is_file():
+        return Raw(retrieval.SECTION_TITLE, f"Not run: no checkpoint at `{checkpoint}` (pass --checkpoint).", {})
+    return retrieval.run(checkpoint, quick)
+
+
 def targets(sections: dict) -> list[str]:
     m: dict[str, float] = {}
     for s in sections.values():
@@ -61,6 +70,9 @@ def targets(sections: dict) -> list[str]:
         f = m["flat_100k_over_1k"]
         out.append(f"- ms/token at position 100,000 / at 1,000: **{f:.3f}** — target ≤ 1.10: "
                    f"{'met' if f <= 1.10 else 'NOT met'}")
+    from .retrieval import targets_summary
+
+    out += targets_summary({k: v for k, v in m.items() if "|" in k})
     return out
 
 
@@ -107,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             sec = read_write(a.quick)
         elif name == "node":
             sec = node_section(a.quick, a.checkpoint, a.node_seconds)
+        elif name == "retrieval":
+            sec = retrieval_section(a.quick, a.checkpoint)
         else:
             from .footprint import footprint
             sec = footprint(a.quick)

@@ -16,8 +16,9 @@ from .runtime import BitMarRuntime, FrameCode, RuntimeError_
 from .store import EpisodeStore, Hit, StoreError, make_thumbnail
 
 # Words the caption grammar (bitmar_core/data/scenes.py: its wording and `parse_caption`) uses for
-# the same attribute. A lexical query for one also finds the others; plurals need no entry (the
-# index stems them). Synonyms of free speech would need a thesaurus; these are the scenes' own.
+# the same attribute. The store's full-text index treats each group as one word (a query for one
+# finds the others, and a caption saying both counts it once); plurals need no entry. Synonyms of
+# free speech would need a thesaurus; these are the scenes' own.
 CAPTION_SYNONYM_GROUPS: tuple[tuple[str, ...], ...] = (
     ("purple", "violet"),
     ("circle", "disk", "disc"),
@@ -29,11 +30,6 @@ CAPTION_SYNONYM_GROUPS: tuple[tuple[str, ...], ...] = (
     ("top", "upper"),
     ("bottom", "lower"),
 )
-
-
-def synonym_map(groups=CAPTION_SYNONYM_GROUPS) -> dict[str, tuple[str, ...]]:
-    """word → the other words of its group, for ``EpisodeStore.lexical_search``."""
-    return {w: tuple(o for o in group if o != w) for group in groups for w in group}
 
 
 class EpisodicError(Exception):
@@ -68,14 +64,12 @@ class EpisodicMemory:
     themselves), so a query never waits for an episode to be encoded.
     """
 
-    def __init__(self, runtime: BitMarRuntime, store: EpisodeStore,
-                 synonyms: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(self, runtime: BitMarRuntime, store: EpisodeStore) -> None:
         if store.embedding_dim != runtime.embedding_dim:
             raise EpisodicError(f"store holds {store.embedding_dim}-D embeddings, the model makes "
                                 f"{runtime.embedding_dim}-D ones")
         self.runtime = runtime
         self.store = store
-        self.synonyms = synonym_map() if synonyms is None else synonyms
         self._write_lock = threading.RLock()
 
     @classmethod
@@ -86,15 +80,19 @@ class EpisodicMemory:
         Raises ``RuntimeError_`` (checkpoint), ``StoreError`` (store) or ``EpisodicError`` (state)."""
         runtime = BitMarRuntime.from_checkpoint(checkpoint, backbone=backbone, dinov2_weights_dir=dinov2_weights_dir,
                                                 num_threads=num_threads, seed=seed)
-        store = EpisodeStore.open(store_dir, embedding_dim=runtime.embedding_dim, identity=runtime.identity,
-                                  create=create)
-        memory = cls(runtime, store)
+        memory = cls(runtime, cls.open_store(runtime, store_dir, create=create))
         try:
             memory.restore()
         except BaseException:
-            store.close()
+            memory.store.close()
             raise
         return memory
+
+    @staticmethod
+    def open_store(runtime: BitMarRuntime, store_dir: str | Path, create: bool = True) -> EpisodeStore:
+        """The store of ``runtime``'s model under ``store_dir``, searched with the caption synonyms."""
+        return EpisodeStore.open(store_dir, embedding_dim=runtime.embedding_dim, identity=runtime.identity,
+                                 create=create, synonyms=CAPTION_SYNONYM_GROUPS)
 
     # ------------------------------------------------------------------ writing
     def restore(self) -> bool:
@@ -189,7 +187,7 @@ class EpisodicMemory:
         if text is None and code is None:
             raise EpisodicError("query: expected text, an image, or both")
         embedding = self.runtime.embed_query(text, code)
-        hits = self.store.search(text, embedding, k=k, start_ns=start_ns, end_ns=end_ns, synonyms=self.synonyms)
+        hits = self.store.search(text, embedding, k=k, start_ns=start_ns, end_ns=end_ns)
         total = self.store.count()
         ms = 1e3 * (time.perf_counter() - t0)
         if hits:

@@ -12,10 +12,14 @@ Layout of ``<directory>/episodes.sqlite3`` (schema version 2):
   little-endian float32, ``thumbnail`` JPEG bytes (or empty). Ids come from AUTOINCREMENT, so they
   grow monotonically and are never reused, not even after ``clear()``. Generated descriptions are
   episodes too (``source='description'``), so they are searched like captions.
-- ``episodes_fts``: an FTS5 full-text index of every caption (external content: it indexes
-  ``episodes.caption`` by ``id`` and stores no second copy), tokenized ``porter unicode61`` so
-  that case and plurals match ("Cats" finds "cat"). Triggers on ``episodes`` keep it in the same
-  transaction as each insert and delete. Version-1 stores (no index) are migrated on open.
+- ``episodes_fts(caption, canon)``: an FTS5 full-text index of every caption, rowid = episode id,
+  written in the same transaction as its episode and deleted with it. Tokenized ``porter
+  unicode61`` so that case and plurals match ("Cats" finds "cat"). ``canon`` is the caption with
+  each word of a synonym group replaced by the group's first word (``meta.search_synonyms``, e.g.
+  "violet" → "purple"), so that a synonym matches, and counts as one word; ``caption`` is the
+  caption as written, so that the very words of a query score higher than their synonyms.
+  Version-1 stores (no index) are migrated on open; a store opened with other synonym groups is
+  re-indexed.
 - ``memory_state(name, dtype, shape, data)``: named tensors (``M``, ``usage``, ``n_writes``, ...)
   as raw little-endian bytes. It is replaced as a whole, in the same transaction as the episode
   whose write produced it.
@@ -42,7 +46,7 @@ import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -107,22 +111,11 @@ _SCHEMA = (
     "CREATE TABLE memory_state ("
     " name TEXT PRIMARY KEY, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL)",
 )
-# Schema version 2: the full-text index of the captions, kept in step with ``episodes`` by triggers
-# (so every write path, clear() included, updates it in the episode's own transaction).
-_FTS_SCHEMA = (
-    "CREATE VIRTUAL TABLE episodes_fts USING fts5("
-    "caption, content='episodes', content_rowid='id', tokenize='porter unicode61')",
-    "CREATE TRIGGER episodes_fts_insert AFTER INSERT ON episodes BEGIN"
-    " INSERT INTO episodes_fts (rowid, caption) VALUES (new.id, new.caption); END",
-    "CREATE TRIGGER episodes_fts_delete AFTER DELETE ON episodes BEGIN"
-    " INSERT INTO episodes_fts (episodes_fts, rowid, caption) VALUES ('delete', old.id, old.caption); END",
-    "CREATE TRIGGER episodes_fts_update AFTER UPDATE OF caption ON episodes BEGIN"
-    " INSERT INTO episodes_fts (episodes_fts, rowid, caption) VALUES ('delete', old.id, old.caption);"
-    " INSERT INTO episodes_fts (rowid, caption) VALUES (new.id, new.caption); END",
-)
+# Schema version 2: the full-text index. It holds its own copy of the text: the normalised column is
+# not a column of ``episodes``, so FTS5's external-content form cannot be used.
+_FTS_SCHEMA = ("CREATE VIRTUAL TABLE episodes_fts USING fts5(caption, canon, tokenize='porter unicode61')",)
 _TABLES = {"meta", "episodes", "memory_state"}
 _TABLES_V2 = _TABLES | {"episodes_fts"}
-_TRIGGERS_V2 = {"episodes_fts_insert", "episodes_fts_delete", "episodes_fts_update"}
 
 
 class StoreError(Exception):
@@ -254,16 +247,21 @@ class EpisodeStore:
         self.embedding_dim = embedding_dim
         self.identity = identity
         self._index = _EmbeddingIndex(embedding_dim)
+        self.synonym_groups: tuple[tuple[str, ...], ...] = ()
+        self._canonical: dict[str, str] = {}  # word → its synonym group's first word
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, directory: str | os.PathLike, embedding_dim: int, identity: str,
-             create: bool = True) -> "EpisodeStore":
+             create: bool = True, synonyms: Sequence[Sequence[str]] | None = None) -> "EpisodeStore":
         """Open the store under ``directory``, creating it (dir 0o700, files 0o600) if allowed.
 
         An existing file that is not a valid store of this schema version, embedding dimension
-        and identity raises a ``StoreError`` subclass and is left byte-for-byte untouched.
+        and identity raises a ``StoreError`` subclass and is left byte-for-byte untouched. A valid
+        schema-1 store is migrated. ``synonyms``: groups of words that the full-text search treats
+        as one word (None: keep the store's own; other groups than the store's re-index it).
         """
+        groups = _check_synonyms(synonyms) if synonyms is not None else None
         if not _is_int(embedding_dim) or not 1 <= embedding_dim <= MAX_EMBEDDING_DIM:
             raise StoreInputError(
                 f"embedding_dim: expected an int in [1, {MAX_EMBEDDING_DIM}], got {embedding_dim!r}")
@@ -276,11 +274,11 @@ class EpisodeStore:
                 not cls._validate_existing(path, int(embedding_dim), identity):
             if not create:
                 raise StoreNotFoundError(f"no episode store at {path} (open with create=True to make one)")
-            return cls._create(directory, path, int(embedding_dim), identity)
+            return cls._create(directory, path, int(embedding_dim), identity, groups or ())
         conn = cls._connect(path)
         store = cls(conn, path, int(embedding_dim), identity)
         try:
-            store._migrate()
+            store._prepare_text_index(groups)
             store._load_index()
         except BaseException:
             store.close()
@@ -288,7 +286,8 @@ class EpisodeStore:
         return store
 
     @classmethod
-    def _create(cls, directory: Path, path: Path, dim: int, identity: str) -> "EpisodeStore":
+    def _create(cls, directory: Path, path: Path, dim: int, identity: str,
+                groups: tuple[tuple[str, ...], ...]) -> "EpisodeStore":
         if not directory.exists():
             directory.mkdir(mode=0o700, parents=True)
             os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
@@ -312,6 +311,10 @@ class EpisodeStore:
                 if not cls._validate_existing(path, dim, identity):
                     raise StoreCorruptError(f"{path}: has tables, yet shows none to a reader")
                 conn = cls._connect(path)
+                store = cls(conn, path, dim, identity)
+                store._prepare_text_index(groups)
+                store._load_index()
+                return store
             else:
                 for sql in _SCHEMA + _FTS_SCHEMA:
                     conn.execute(sql)
@@ -319,12 +322,14 @@ class EpisodeStore:
                     ("schema_version", str(SCHEMA_VERSION)),
                     ("embedding_dim", str(dim)),
                     ("identity", identity),
+                    ("search_synonyms", json.dumps([list(g) for g in groups])),
                 ])
                 conn.execute("COMMIT")
         except sqlite3.Error as e:
             conn.close()
             raise StoreWriteError(f"cannot initialise the episode store at {path}: {e}") from e
         store = cls(conn, path, dim, identity)
+        store._use_synonyms(groups)
         store._load_index()
         return store
 
@@ -387,25 +392,52 @@ class EpisodeStore:
                 "left untouched (use another directory or the matching model)")
         return True
 
-    def _migrate(self) -> None:
-        """Upgrade a version-1 store (no full-text index) in one transaction: index every caption
-        already stored, then record version 2. A failure leaves it a valid version-1 store."""
+    def _use_synonyms(self, groups: tuple[tuple[str, ...], ...]) -> None:
+        self.synonym_groups = groups
+        self._canonical = {w: g[0] for g in groups for w in g}
+
+    def _prepare_text_index(self, groups: tuple[tuple[str, ...], ...] | None) -> None:
+        """Migrate a schema-1 store (index every caption already stored, then record version 2),
+        or re-index a store whose synonym groups differ from ``groups``; one transaction either
+        way, so a failure leaves the store as it was. ``groups`` None keeps the store's own."""
         conn = self._require_open()
-        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        if version == str(SCHEMA_VERSION):
+
+        def state() -> tuple[str, tuple[tuple[str, ...], ...]]:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            try:
+                stored = _check_synonyms(json.loads(meta.get("search_synonyms", "[]")))
+            except (ValueError, TypeError, StoreInputError) as e:
+                raise StoreCorruptError(f"{self.path}: meta search_synonyms is unreadable ({e})") from e
+            return meta["schema_version"], stored
+
+        version, stored = self._read(state)
+        wanted = stored if groups is None else groups
+        if version == str(SCHEMA_VERSION) and stored == wanted:
+            self._use_synonyms(stored)
             return
 
-        def upgrade() -> None:
-            # Checked again inside the write lock: another process may have migrated it meanwhile.
-            if conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] != "1":
+        def reindex() -> None:
+            # Read again inside the write lock: another process may have done it meanwhile.
+            version, stored = state()
+            if version == str(SCHEMA_VERSION) and stored == wanted:
                 return
-            for sql in _FTS_SCHEMA:
-                conn.execute(sql)
-            conn.execute("INSERT INTO episodes_fts (episodes_fts) VALUES ('rebuild')")
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            if version == str(SCHEMA_VERSION):
+                conn.execute("DELETE FROM episodes_fts")
+            else:
+                for sql in _FTS_SCHEMA:
+                    conn.execute(sql)
+            canonical = {w: g[0] for g in wanted for w in g}
+            rows = conn.execute("SELECT id, caption FROM episodes").fetchall()
+            conn.executemany("INSERT INTO episodes_fts (rowid, caption, canon) VALUES (?, ?, ?)",
+                             [(i, c, _normalise(c, canonical)) for i, c in rows])
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [
+                ("schema_version", str(SCHEMA_VERSION)), ("search_synonyms", json.dumps([list(g) for g in wanted]))])
 
+        what = (f"migrate schema {version} → {SCHEMA_VERSION}" if version != str(SCHEMA_VERSION)
+                else "re-index the captions for new synonym groups")
         with self._lock:
-            self._transaction(f"migrate schema {version} → {SCHEMA_VERSION}", upgrade)
+            self._transaction(what, reindex)
+        self._use_synonyms(wanted)
 
     def _load_index(self) -> None:
         with self._lock:
@@ -449,7 +481,7 @@ class EpisodeStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA query_only = ON")
-            store._migrate()  # nothing to do unless the store needs migrating: then it raises
+            store._prepare_text_index(None)  # the store's own synonym groups
             store._load_index()
         except BaseException as e:
             store.close()
@@ -527,6 +559,8 @@ class EpisodeStore:
                     "INSERT INTO episodes (stamp_ns, caption, source, embedding, thumbnail) "
                     "VALUES (?, ?, ?, ?, ?)",
                     (int(stamp_ns), caption, source, emb.tobytes(), thumb))
+                conn.execute("INSERT INTO episodes_fts (rowid, caption, canon) VALUES (?, ?, ?)",
+                             (cur.lastrowid, caption, _normalise(caption, self._canonical)))
                 if state_rows is not None:
                     self._replace_state(conn, state_rows)
                 return int(cur.lastrowid)
@@ -549,6 +583,7 @@ class EpisodeStore:
 
             def write() -> None:
                 conn.execute("DELETE FROM episodes")
+                conn.execute("DELETE FROM episodes_fts")
                 conn.execute("DELETE FROM memory_state")
 
             self._transaction("clear", write)
@@ -654,26 +689,34 @@ class EpisodeStore:
             episodes = self._fetch([int(i) for i in ids])
             return [(episodes[int(i)], float(sc)) for i, sc in zip(ids, scores)]
 
-    def lexical_search(self, text: str, limit: int, start_ns: int | None = None, end_ns: int | None = None,
-                       synonyms: Mapping[str, Sequence[str]] | None = None) -> list[tuple[int, float]]:
+    def lexical_search(self, text: str, limit: int, start_ns: int | None = None,
+                       end_ns: int | None = None) -> list[tuple[int, float]]:
         """(episode id, BM25 score) of the captions that share words with ``text``, best first.
 
         ``text`` is free text: its words (letters and digits) are searched one by one, each as a
         quoted FTS5 string, so quotes, ``*``, ``-``, ``NEAR``, parentheses or a lone ``AND`` are
-        plain words, never query syntax. Stop words are skipped unless nothing else is left;
-        ``synonyms`` maps a lowercase word to words that count as the same word. Captions that
-        hold every word (or one of its synonyms) come first, then those that hold any, each group
-        by BM25 (FTS5's ``bm25``, negated so that higher is better; equal scores: newer id first).
-        Only episodes with ``start_ns <= stamp_ns <= end_ns`` compete. No word: an empty list.
+        plain words, never query syntax. Stop words are skipped unless nothing else is left; a
+        word of a synonym group stands for the whole group, and scores higher as written.
+
+        The captions that hold every word, by BM25 (FTS5's ``bm25``, negated so that higher is
+        better; equal scores: newer id first). When none does, words that no caption holds are
+        dropped and the rest must all be held; when still none, the captions that hold some of
+        the words (those held by at most half the captions), by BM25. Only episodes with
+        ``start_ns <= stamp_ns <= end_ns`` compete. No word: an empty list.
         """
         if not isinstance(text, str):
             raise StoreInputError(f"text: expected a str, got {type(text).__name__}")
         if not _is_int(limit) or limit < 1:
             raise StoreInputError(f"limit: expected an int ≥ 1, got {limit!r}")
         _check_window(start_ns, end_ns)
-        groups = _query_groups(text, synonyms or {})
-        if not groups:
-            return []
+        return self._lexical(text, int(limit), start_ns, end_ns)[0]
+
+    def _lexical(self, text: str, limit: int, start_ns: int | None,
+                 end_ns: int | None) -> tuple[list[tuple[int, float]], int]:
+        """``lexical_search``, and how many of its first rows hold every word (see there)."""
+        words = _query_words(text, self._canonical)
+        if not words:
+            return [], 0
         source, window, params = "episodes_fts", "", []
         if start_ns is not None or end_ns is not None:
             # The time window is the condition the embedding ranking applies. CROSS JOIN keeps the
@@ -684,26 +727,50 @@ class EpisodeStore:
                       int(end_ns) if end_ns is not None else MAX_STAMP_NS]
         sql = (f"SELECT episodes_fts.rowid, -bm25(episodes_fts) FROM {source} WHERE episodes_fts MATCH ?{window}"
                " ORDER BY bm25(episodes_fts), episodes_fts.rowid DESC LIMIT ?")
+        # Each word matches its synonym group (canon); as written (caption) it scores a second time.
+        # A word that is its group's first word, or in no group, is the same string in both columns:
+        # one phrase then does both, and FTS5's bm25 reads each phrase's postings once per query.
+        quoted = {w: _fts_string(w[0]) if w[0] == w[1] else f"(caption : {_fts_string(w[0])} OR canon : {_fts_string(w[1])})"
+                  for w in words}
         with self._lock:
             conn = self._require_open()
-            found = self._read(lambda: conn.execute(sql, [" AND ".join(groups), *params, int(limit)]).fetchall())
-            if len(found) < limit and len(groups) > 1:
-                # Conjunctive first: the captions with every word are all listed; fill up with any-word ones.
-                seen = {r[0] for r in found}
-                more = self._read(lambda: conn.execute(sql, [" OR ".join(groups), *params, int(limit)]).fetchall())
-                found += [r for r in more if r[0] not in seen][: limit - len(found)]
-        return [(int(i), float(sc)) for i, sc in found]
+
+            def run(expression: str) -> list[tuple[int, float]]:
+                return self._read(lambda: conn.execute(sql, [expression, *params, limit]).fetchall())
+
+            def holders_at_least(w: tuple[str, str], n: int) -> bool:
+                return self._read(lambda: conn.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM episodes_fts WHERE episodes_fts MATCH ? LIMIT ?)",
+                    (f"canon : {_fts_string(w[1])}", n)).fetchone()[0]) >= n
+
+            found = run(" AND ".join(quoted.values()))
+            if found or len(words) == 1:
+                return [(int(i), float(sc)) for i, sc in found], len(found)
+            # No caption holds every word. A word that no caption holds cannot tell captions apart:
+            # "every word" means every word the memory knows ("ginger tabby cat" finds the tabby cat).
+            known = [w for w in words if holders_at_least(w, 1)]
+            if 0 < len(known) < len(words):
+                found = run(" AND ".join(quoted[w] for w in known))
+                if found or len(known) == 1:
+                    return [(int(i), float(sc)) for i, sc in found], len(found)
+            # Then captions holding some of the words. Words held by over half the captions are
+            # left out: FTS5's BM25 gives them an IDF of ~0, so they could only make every caption a
+            # match, and reading their postings is what makes this pass slow (100+ ms at 100,000).
+            selective = [w for w in known if not holders_at_least(w, self._index.n // 2 + 1)]
+            found = run(" OR ".join(quoted[w] for w in selective)) if selective else []
+        return [(int(i), float(sc)) for i, sc in found], 0
 
     def search(self, text: str | None = None, embedding: np.ndarray | None = None, k: int = 5,
-               start_ns: int | None = None, end_ns: int | None = None,
-               synonyms: Mapping[str, Sequence[str]] | None = None) -> list[Hit]:
+               start_ns: int | None = None, end_ns: int | None = None) -> list[Hit]:
         """Hybrid retrieval: the k best episodes for a text and/or a query embedding, best first.
 
-        Two rankings within the same time window, ``lexical_search(text)`` and cosine similarity to
-        ``embedding`` (as ``query``), each cut at ``fusion_depth(k)``, fused by reciprocal rank
-        (see ``RRF_K``). Equal fused scores: higher cosine, then higher BM25, then newer first.
-        Either input may be missing (then the other ranking alone decides); an empty list means that
-        no episode lies in the window or, without an embedding, that no caption shares a word.
+        Two rankings within the same time window: ``lexical_search(text)`` and cosine similarity
+        to ``embedding`` (as ``query``), each cut at ``fusion_depth(k)``. The fusion rule:
+        episodes whose caption holds every word of the text come first; within that group and
+        among the rest, the reciprocal-rank-fusion score decides (see ``RRF_K``); equal scores:
+        higher cosine, then higher BM25, then newer. Either input may be missing (then its ranking
+        is empty). An empty list means that no episode lies in the window or, without an
+        embedding, that no caption shares a word with the text.
         """
         if text is not None and not isinstance(text, str):
             raise StoreInputError(f"text: expected a str or None, got {type(text).__name__}")
@@ -714,9 +781,8 @@ class EpisodeStore:
         _check_window(start_ns, end_ns)
         depth = fusion_depth(k)
         with self._lock:
-            lexical = self.lexical_search(text, depth, start_ns, end_ns, synonyms) if text else []
-            emb_ids, emb_scores = (self._embedding_ranking(q, depth, start_ns, end_ns) if q is not None
-                                   else (np.zeros(0, np.int64), np.zeros(0, np.float32)))
+            lexical, every = self._lexical(text, depth, start_ns, end_ns) if text else ([], 0)
+            emb_ids = self._embedding_ranking(q, depth, start_ns, end_ns)[0] if q is not None else []
             fused: dict[int, float] = {}
             lex_rank: dict[int, int] = {}
             lex_score: dict[int, float] = {}
@@ -731,12 +797,15 @@ class EpisodeStore:
                 fused[episode_id] = fused.get(episode_id, 0.0) + 1.0 / (RRF_K + rank)
             if not fused:
                 return []
+            every_word = {episode_id for episode_id, _ in lexical[:every]}
             ids = np.fromiter(fused, np.int64, len(fused))
-            cosine = (self._index.unit[np.searchsorted(self._index.ids[: self._index.n], ids)] @ q
-                      if q is not None else np.full(len(ids), np.nan, np.float32))
-            stamps = self._index.stamps[np.searchsorted(self._index.ids[: self._index.n], ids)]
-            order = np.lexsort((-ids, -stamps, -np.array([lex_score.get(int(i), 0.0) for i in ids]),
-                                -np.nan_to_num(cosine, nan=-2.0), -np.array([fused[int(i)] for i in ids])))[:k]
+            rows = np.searchsorted(self._index.ids[: self._index.n], ids)
+            cosine = self._index.unit[rows] @ q if q is not None else np.full(len(ids), np.nan, np.float32)
+            order = np.lexsort((-ids, -self._index.stamps[rows],
+                                -np.array([lex_score.get(int(i), 0.0) for i in ids]),
+                                -np.nan_to_num(cosine, nan=-2.0),
+                                -np.array([fused[int(i)] for i in ids]),
+                                -np.array([int(i) in every_word for i in ids], np.int8)))[:k]
             episodes = self._fetch([int(ids[j]) for j in order])
             return [Hit(episodes[int(ids[j])], fused[int(ids[j])], lex_score.get(int(ids[j]), 0.0),
                         lex_rank.get(int(ids[j]), 0), float(cosine[j]), emb_rank.get(int(ids[j]), 0))
@@ -755,13 +824,11 @@ class EpisodeStore:
                 if not _TABLES_V2 <= tables:
                     problems.append(f"schema: missing tables {sorted(_TABLES_V2 - tables)}")
                     return problems
-                triggers = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-                if not _TRIGGERS_V2 <= triggers:
-                    problems.append(f"schema: missing triggers {sorted(_TRIGGERS_V2 - triggers)}")
-                try:  # the full-text index against the captions it indexes
+                try:  # FTS5's own structure check
                     conn.execute("INSERT INTO episodes_fts (episodes_fts, rank) VALUES ('integrity-check', 1)")
                 except sqlite3.DatabaseError as e:
                     problems.append(f"full-text index: {e}")
+                indexed = {i: (c, n) for i, c, n in conn.execute("SELECT rowid, caption, canon FROM episodes_fts")}
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
                 expected = {"schema_version": str(SCHEMA_VERSION), "embedding_dim": str(self.embedding_dim),
                             "identity": self.identity}
@@ -769,10 +836,12 @@ class EpisodeStore:
                     if meta.get(key) != value:
                         problems.append(f"meta: {key} is {meta.get(key)!r}, expected {value!r}")
                 ids = []
-                for episode_id, stamp_ns, caption, source, emb_len, thumb_len in conn.execute(
+                for episode_id, stamp_ns, caption, source, emb_len, thumb_len, text in conn.execute(
                         "SELECT id, stamp_ns, typeof(caption), typeof(source), length(embedding),"
-                        " length(thumbnail) FROM episodes ORDER BY id"):
+                        " length(thumbnail), caption FROM episodes ORDER BY id"):
                     ids.append(episode_id)
+                    if isinstance(text, str) and indexed.pop(episode_id, None) != (text, _normalise(text, self._canonical)):
+                        problems.append(f"full-text index: episode {episode_id} is not indexed as its caption")
                     if emb_len != 4 * self.embedding_dim:
                         problems.append(f"episode {episode_id}: embedding is {emb_len} bytes, "
                                         f"expected {4 * self.embedding_dim}")
@@ -782,6 +851,9 @@ class EpisodeStore:
                         problems.append(f"episode {episode_id}: caption/source are {caption}/{source}, expected text")
                     if stamp_ns is None or not isinstance(stamp_ns, int) or stamp_ns < 0:
                         problems.append(f"episode {episode_id}: stamp_ns {stamp_ns!r} is not a non-negative int")
+                if indexed:
+                    problems.append(f"full-text index: {len(indexed)} entries without an episode "
+                                    f"(ids {sorted(indexed)[:5]}...)")
                 for name, dtype_name, shape_json, data in conn.execute(
                         "SELECT name, dtype, shape, data FROM memory_state"):
                     problem = _state_row_problem(name, dtype_name, shape_json, data)
@@ -931,24 +1003,58 @@ def _check_window(start_ns, end_ns) -> None:
 _WORD_RE = re.compile(r"\w+")
 
 
+def _check_synonyms(groups) -> tuple[tuple[str, ...], ...]:
+    """Validated synonym groups: each a sequence of ≥ 2 distinct lowercase words, no word twice."""
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        raise StoreInputError(f"synonyms: expected a sequence of word groups, got {type(groups).__name__}")
+    out, seen = [], set()
+    for g in groups:
+        if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or len(g) < 2:
+            raise StoreInputError(f"synonyms: expected each group to be a sequence of ≥ 2 words, got {g!r:.80}")
+        for w in g:
+            if not isinstance(w, str) or not _WORD_RE.fullmatch(w) or w != w.lower() or w in seen:
+                raise StoreInputError(f"synonyms: expected distinct lowercase words, {w!r:.40} is not one "
+                                      "(or is in two groups)")
+            seen.add(w)
+        out.append(tuple(g))
+    return tuple(out)
+
+
+def _base_word(word: str, canonical: Mapping[str, str]) -> tuple[str, str] | None:
+    """(group word, plural ending) if ``word`` or its plural-less form is in a synonym group."""
+    if word in canonical:
+        return canonical[word], ""
+    for ending in ("es", "s"):  # "ellipses", "disks": the porter stemmer would join them anyway
+        if len(word) > len(ending) + 2 and word.endswith(ending) and word[: -len(ending)] in canonical:
+            head = canonical[word[: -len(ending)]]
+            return head, "es" if head.endswith("s") else "s"
+    return None
+
+
+def _normalise(text: str, canonical: Mapping[str, str]) -> str:
+    """``text`` with each word of a synonym group replaced by the group's first word."""
+    if not canonical:
+        return text
+
+    def swap(m: re.Match) -> str:
+        found = _base_word(m.group(0).lower(), canonical)
+        return found[0] + found[1] if found else m.group(0)
+
+    return _WORD_RE.sub(swap, text)
+
+
+def _query_words(text: str, canonical: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The words of a text query that are searched, as (written, normalised): stop words out,
+    each synonym group once."""
+    words = [w for w in _WORD_RE.findall(text.lower()) if w.strip("_")]
+    content = [w for w in words if w not in STOPWORDS] or words
+    once = {_normalise(w, canonical): w for w in reversed(content)}  # the first wording of a group
+    return [(w, n) for n, w in reversed(once.items())][:MAX_QUERY_TERMS]
+
+
 def _fts_string(word: str) -> str:
     # A double-quoted FTS5 string is never syntax: AND, NEAR, *, -, ( inside it are text.
     return '"' + word.replace('"', '""') + '"'
-
-
-def _query_groups(text: str, synonyms: Mapping[str, Sequence[str]]) -> list[str]:
-    """FTS5 expressions, one per searched word of ``text``: ``"w"`` or ``("w" OR "synonym" ...)``."""
-    words = list(dict.fromkeys(w for w in _WORD_RE.findall(text.lower()) if w.strip("_")))
-    content = [w for w in words if w not in STOPWORDS] or words
-    groups = []
-    for w in content[:MAX_QUERY_TERMS]:
-        alternatives = synonyms.get(w)
-        if alternatives is None and len(w) > 3 and w.endswith("s"):
-            alternatives = synonyms.get(w[:-1])  # "disks": the porter stemmer matches the plurals
-        same = list(dict.fromkeys([w, *(a.lower() for a in alternatives or ())]))
-        terms = [_fts_string(a) for a in same]
-        groups.append(terms[0] if len(terms) == 1 else "(" + " OR ".join(terms) + ")")
-    return groups
 
 
 def _check_stamp(name: str, value) -> None:

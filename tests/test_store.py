@@ -709,22 +709,57 @@ def test_random_text_queries_never_raise(store):
         store.lexical_search(text, 5)
 
 
-def test_synonyms_expand_a_word(store):
-    a = store.add_episode(1, "a small purple circle", "caption", np.ones(DIM, np.float32))
-    b = store.add_episode(2, "a big orange oval", "caption", np.ones(DIM, np.float32))
-    synonyms = {"violet": ["purple"], "disk": ["circle"], "ellipse": ["oval"], "large": ["big"]}
-    assert store.lexical_search("violet disk", 5) == []
-    assert [i for i, _ in store.lexical_search("violet disk", 5, synonyms=synonyms)] == [a]
-    assert [i for i, _ in store.lexical_search("large ellipses", 5, synonyms=synonyms)] == [b]
+def test_synonym_groups_match_as_one_word(tmp_path):
+    groups = [("purple", "violet"), ("circle", "disk"), ("oval", "ellipse"), ("large", "big")]
+    s = EpisodeStore.open(tmp_path / "syn", DIM, IDENTITY, synonyms=groups)
+    a = s.add_episode(1, "a small purple circle", "caption", np.ones(DIM, np.float32))
+    b = s.add_episode(2, "a big orange oval; the orange ellipse is large", "caption", np.ones(DIM, np.float32))
+    c = s.add_episode(3, "two large orange ovals", "caption", np.ones(DIM, np.float32))
+    assert [i for i, _ in s.lexical_search("violet disk", 5)] == [a]
+    assert [i for i, _ in s.lexical_search("Violet DISKS", 5)] == [a]
+    assert {i for i, _ in s.lexical_search("large ellipses", 5)} == {b, c}
+    # A group is one word for BM25, plus a second score for the very word of the query: the caption
+    # saying "oval" and "ellipse" scores for "ellipse" as one saying "ellipse" twice would score in
+    # the normalised column, and it holds "ellipse" once as written.
+    plain = EpisodeStore.open(tmp_path / "plain", DIM, IDENTITY)
+    b2 = plain.add_episode(2, "a big orange ellipse; the orange ellipse is big", "caption", np.ones(DIM, np.float32))
+    plain.add_episode(1, "a small purple circle", "caption", np.ones(DIM, np.float32))
+    plain.add_episode(3, "two big orange ovals", "caption", np.ones(DIM, np.float32))
+    assert dict(s.lexical_search("ellipse", 5))[b] < dict(plain.lexical_search("ellipse", 5))[b2]
+    # The query's own wording ranks first among captions that hold its group.
+    d = s.add_episode(4, "one orange ellipse", "caption", np.ones(DIM, np.float32))
+    e = s.add_episode(5, "one orange oval", "caption", np.ones(DIM, np.float32))
+    got = [i for i, _ in s.lexical_search("orange ellipse", 5)]
+    assert got.index(d) < got.index(e) and [i for i, _ in s.lexical_search("orange oval", 5)].index(e) < \
+        [i for i, _ in s.lexical_search("orange oval", 5)].index(d)
+    assert s.integrity_check() == [] and s.synonym_groups == tuple(groups)
+    s.close()
+    with EpisodeStore.open(tmp_path / "syn", DIM, IDENTITY) as s:  # None: the store keeps its groups
+        assert [i for i, _ in s.lexical_search("violet", 5)] == [a]
+    with EpisodeStore.open(tmp_path / "syn", DIM, IDENTITY, synonyms=[]) as s:  # other groups: re-indexed
+        assert s.lexical_search("violet", 5) == [] and [i for i, _ in s.lexical_search("purple", 5)] == [a]
+        assert s.integrity_check() == []
 
 
-def test_captions_with_every_word_come_first(store):
+@pytest.mark.parametrize("groups, fragment", [
+    ("purple violet", "sequence of word groups"), ([("purple",)], "≥ 2 words"), ([("Purple", "violet")], "lowercase"),
+    ([("a b", "c")], "lowercase words"), ([("x", "y"), ("y", "z")], "two groups"), ([("x", 3)], "lowercase"),
+])
+def test_synonym_validation(tmp_path, groups, fragment):
+    with pytest.raises(StoreInputError, match=fragment):
+        EpisodeStore.open(tmp_path, DIM, IDENTITY, synonyms=groups)
+
+
+def test_lexical_search_relaxes_only_when_no_caption_holds_every_word(store):
     filler = [store.add_episode(10 + i, f"filler {i}", "caption", np.ones(DIM, np.float32)) for i in range(20)]
     one = store.add_episode(1, "red red red red circle circle", "caption", np.ones(DIM, np.float32))
     both = store.add_episode(2, "a long caption that mentions a red square and then a star far away", "caption",
                              np.ones(DIM, np.float32))
-    got = store.lexical_search("red star", 5)
-    assert [i for i, _ in got] == [both, one] and filler
+    assert [i for i, _ in store.lexical_search("red star", 5)] == [both]  # every word held: only those
+    assert [i for i, _ in store.lexical_search("red giraffe", 5)] == [one, both]  # no caption knows "giraffe"
+    # No caption holds both: those holding either; "filler" (held by over half) is left out of that pass.
+    assert {i for i, _ in store.lexical_search("filler circle star", 5)} == {one, both}
+    assert [i for i, _ in store.lexical_search("filler", 30)] == filler[::-1]  # alone, it is searched
 
 
 def test_full_text_index_follows_rollback_and_clear(tmp_path):
@@ -749,13 +784,14 @@ def test_full_text_index_follows_rollback_and_clear(tmp_path):
 
 
 def test_integrity_check_reports_a_stale_full_text_index(store):
-    _fill(store, 3)
-    store._conn.execute("DROP TRIGGER episodes_fts_insert")
-    store._conn.execute("INSERT INTO episodes (stamp_ns, caption, source, embedding, thumbnail) "
-                        "VALUES (5, 'unindexed', 'caption', zeroblob(64), x'')")
+    ids = [e[0] for e in _fill(store, 3)]
+    store._conn.execute("DELETE FROM episodes_fts WHERE rowid = ?", (ids[0],))
+    store._conn.execute("UPDATE episodes_fts SET canon = 'something else' WHERE rowid = ?", (ids[1],))
+    store._conn.execute("INSERT INTO episodes_fts (rowid, caption, canon) VALUES (999, 'orphan', 'orphan')")
     problems = store.integrity_check()
-    assert any("missing triggers" in p for p in problems)
-    assert any("full-text index" in p for p in problems)
+    assert any(f"episode {ids[0]} is not indexed" in p for p in problems)
+    assert any(f"episode {ids[1]} is not indexed" in p for p in problems)
+    assert any("1 entries without an episode" in p for p in problems)
 
 
 def _unit(i, j=None, w=0.0):
@@ -771,15 +807,15 @@ def _fusion_world(store):
     shares no word with the query and points away from it."""
     for i in range(40):
         store.add_episode(10_000 + i, f"filler number {i}", "caption", -_unit(0))
-    a = store.add_episode(1_000, "a zebra eating a mango", "caption", _unit(0, 1, 3.0))   # lexical 1, cosine 3rd
-    b = store.add_episode(2_000, "a zebra on the road", "caption", _unit(0, 1, 1.0))      # lexical 2, cosine 2nd
-    c = store.add_episode(3_000, "a horse in a field", "caption", _unit(0))               # no word, cosine 1st
+    a = store.add_episode(1_000, "a zebra eating a mango", "caption", _unit(0, 1, 3.0))          # lexical 1, cosine 3rd
+    b = store.add_episode(2_000, "a zebra eating on the long dusty road", "caption", _unit(0, 1, 1.0))  # 2nd, 2nd
+    c = store.add_episode(3_000, "a horse in a field", "caption", _unit(0))                      # no word, cosine 1st
     return a, b, c
 
 
 def test_reciprocal_rank_fusion_by_hand(store):
     a, b, c = _fusion_world(store)
-    got = store.search("zebra mango", _unit(0), k=3)
+    got = store.search("zebra eating", _unit(0), k=3)
     expected = {a: 1 / 61 + 1 / 63, b: 1 / 62 + 1 / 62, c: 0 + 1 / 61}
     assert [h.episode.id for h in got] == [a, b, c]  # 0.032266 > 0.032258 > 0.016393
     for h in got:
@@ -789,7 +825,7 @@ def test_reciprocal_rank_fusion_by_hand(store):
     np.testing.assert_allclose([h.embedding_score for h in got], [1 / np.sqrt(10), 1 / np.sqrt(2), 1.0], atol=1e-6)
     assert got[0].lexical_score > got[1].lexical_score > 0 and got[2].lexical_score == 0
     # One input alone: its own ranking.
-    assert [h.episode.id for h in store.search("zebra mango", None, k=3)] == [a, b]
+    assert [h.episode.id for h in store.search("zebra eating", None, k=3)] == [a, b]
     assert [h.matched_by for h in store.search("zebra", None, k=3)] == ["lexical", "lexical"]
     assert [h.episode.id for h in store.search(None, _unit(0), k=3)] == [c, b, a]
     assert np.isnan(store.search("zebra", None, k=1)[0].embedding_score)
@@ -797,10 +833,11 @@ def test_reciprocal_rank_fusion_by_hand(store):
 
 def test_time_window_applies_to_both_rankings(store):
     a, b, c = _fusion_world(store)
-    got = store.search("zebra mango", _unit(0), k=5, start_ns=1_500, end_ns=9_000)
+    got = store.search("zebra eating", _unit(0), k=5, start_ns=1_500, end_ns=9_000)
     assert [h.episode.id for h in got] == [b, c]  # a (best lexical) and the filler lie outside
     assert [(h.lexical_rank, h.embedding_rank) for h in got] == [(1, 2), (0, 1)]  # ranks within the window
-    assert store.lexical_search("zebra", 5, start_ns=0, end_ns=1_500) == store.lexical_search("zebra", 5)[1:]
+    assert store.lexical_search("zebra", 5, start_ns=0, end_ns=1_500) == store.lexical_search("zebra", 5)[:1]  # a
+    assert store.lexical_search("zebra", 5, start_ns=1_500) == store.lexical_search("zebra", 5)[1:]  # b
     assert store.search("zebra", _unit(0), k=5, start_ns=50_000) == []
     assert store.search("giraffe", None, k=5) == []
 
@@ -825,3 +862,20 @@ def test_equal_captions_share_a_lexical_rank_and_the_embedding_decides(store):
 def test_search_validation(store, kwargs, fragment):
     with pytest.raises(StoreInputError, match=fragment):
         store.search(**kwargs)
+
+
+def test_captions_with_every_word_outrank_a_better_fused_score(store):
+    """The fusion rule's first key: a caption holding every word of the text comes before one
+    that does not, even when the latter's fused score is higher."""
+    for i in range(80):  # close to the query embedding: they push the zebras out of its top 2k + 60
+        store.add_episode(10_000 + i, f"filler {i}", "caption", _unit(0, 1, 0.3))
+    horse = store.add_episode(1, "a horse", "caption", _unit(0))                              # cosine first
+    z1 = store.add_episode(2, "a zebra", "caption", -_unit(0))
+    z2 = store.add_episode(3, "a zebra eating grass", "caption", -_unit(0))
+    got = store.search("zebra", _unit(0), k=2)
+    assert [h.episode.id for h in got] == [z1, z2]
+    assert [h.embedding_rank for h in got] == [0, 0]  # below the depth that is fused
+    # The horse's fused score, 1/61 + 0, is above the second zebra's 1/62 + 0.
+    assert got[1].score == pytest.approx(1 / 62)
+    horse_hit = store.search("zebra", _unit(0), k=3)[2]
+    assert horse_hit.episode.id == horse and horse_hit.score == pytest.approx(1 / 61)
