@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import String
 
+from bitmar_browser.cli import DEFAULT_PORT as BROWSER_PORT
 from bitmar_ros.msg import Description, Episode
 from bitmar_ros.node import default_checkpoint
 from bitmar_ros.srv import QueryMemory
@@ -165,7 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         log.close()
     print(f"\nthe store at {store_dir} keeps the episodes; rerun with --store-dir {store_dir} to continue from them")
+    print(f"browse and search it in a web page:\n  {browser_command(store_dir, args.checkpoint)}\n"
+          f"  then open http://127.0.0.1:{BROWSER_PORT}/")
     return rc
+
+
+def browser_command(store_dir: Path, checkpoint: str | None = None) -> str:
+    """The command that opens the memory browser (bitmar_browser) on the demo's store."""
+    cmd = [sys.executable, "-m", "bitmar_browser", "--store", str(store_dir)]
+    if checkpoint:
+        cmd += ["--checkpoint", str(checkpoint)]
+    return shlex.join(cmd)
 
 
 def _count_captions(bag: Path) -> int:

@@ -68,4 +68,20 @@ if ! (cd "$ROOT" && "$VENV/bin/python" -m bitmar_core.fast --build >"$ROOT/build
   log "fast decoder extension not built (build/fast_ext.log); FastDecoder will use its PyTorch step"
 fi
 # --- end fast decoder extension --------------------------------------------------------------------
+# --- Chromium for the memory browser's tests (tests/test_memory_browser.py) -------------------------
+# Debian's chromium + chromium-driver, installed with apt when missing and this runs as root; where
+# that cannot be done the browser tests skip and say why. Nothing happens once both are there.
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  log "installing chromium + chromium-driver with apt for the browser tests (~1 min, once)"
+  if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+      >"$ROOT/build/apt-chromium.log" 2>&1; then
+    log "chromium not installed (build/apt-chromium.log): the browser tests will skip"
+  fi
+else
+  log "chromium/chromedriver missing and not root with apt-get: the browser tests will skip" \
+      "(as root: apt-get install chromium chromium-driver)"
+fi
+# --- end Chromium ------------------------------------------------------------------------------------
 log "ready in $(( $(date +%s) - t0 )) s: $VENV"
