@@ -15,13 +15,15 @@ DEFAULT_CHECKPOINT_NAME = "bitmar_default.safetensors"
 
 
 def default_checkpoint() -> Path:
-    """The bundled checkpoint: the installed package's share dir, else this source checkout."""
+    """The bundled checkpoint: the package's share dir (found through the ament index, or under
+    this Python's prefix, where scripts/setup.sh installs it), else this source checkout's."""
     candidates = []
     try:
         from ament_index_python.packages import get_package_share_directory
         candidates.append(Path(get_package_share_directory("bitmar_ros")) / "checkpoints" / DEFAULT_CHECKPOINT_NAME)
-    except Exception:  # not installed through ament: the checkout's copy
+    except Exception:  # no ament environment (AMENT_PREFIX_PATH unset) or not installed through it
         pass
+    candidates.append(Path(sys.prefix) / "share" / "bitmar_ros" / "checkpoints" / DEFAULT_CHECKPOINT_NAME)
     candidates.append(REPO_ROOT / "checkpoints" / DEFAULT_CHECKPOINT_NAME)
     return next((c for c in candidates if c.is_file()), candidates[-1])
 

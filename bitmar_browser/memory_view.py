@@ -146,19 +146,21 @@ class MemoryView:
             oldest = self.store.episodes_by_time(1, newest_first=False)
             state = self.store.memory_state() or {}
         pic = _picture_of(state)
-        slots = dims = None
-        used = None
+        slots = dims = used = effective = None
         if pic.memory is not None:
             slots, dims = pic.memory.shape
         if pic.usage is not None:
             slots = slots or len(pic.usage)
             used = int((pic.usage > USED_SLOT_USAGE).sum())
+            effective = effective_slots(pic.usage)
         return {
             "episodes": count,
             "memory_writes": pic.writes,
             "slots": slots,
             "slot_dim": dims,
             "slots_used": used,
+            "used_slot_usage": USED_SLOT_USAGE,
+            "effective_slots": effective,
             "usage_max": float(pic.usage.max()) if pic.usage is not None and len(pic.usage) else None,
             "newest_stamp_ns": newest[0].stamp_ns if newest else None,
             "oldest_stamp_ns": oldest[0].stamp_ns if oldest else None,
@@ -188,6 +190,18 @@ class MemoryView:
 
 # A slot counts as used once its usage (a decaying sum of read and write weights) passes this.
 USED_SLOT_USAGE = 0.01
+
+
+def effective_slots(usage: np.ndarray) -> float | None:
+    """How many slots the usage is spread over: exp of the entropy of usage / sum(usage) (K if
+    even, 1 if one slot holds it all). Soft writes touch every slot a little, so a threshold
+    alone counts them all; this says how concentrated the memory is."""
+    u = np.clip(np.asarray(usage, np.float64), 0, None)
+    total = u.sum()
+    if not np.isfinite(total) or total <= 0:
+        return None
+    p = u[u > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 def _picture_of(state: dict[str, np.ndarray]) -> MemoryPicture:

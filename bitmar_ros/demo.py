@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             resp = fut.result()
             print(f"query {text!r}: {resp.message}")
             for e in resp.episodes:
-                print(f"    {e.score:+.3f}  #{e.id}  {e.caption}")
-            print(f"    answer from memory: {resp.answer!r}")
+                print(f"    #{e.id}  [{e.matched_by}: words {e.lexical_score:.2f}, model {e.embedding_score:+.3f}]  "
+                      f"{e.caption}")
+            print(f"    answer from memory: {resp.answer!r} (given with episodes {list(resp.answer_episode_ids)})")
         s = listener.stats
         if s:
             print("\nnode diagnostics: " + ", ".join(
@@ -167,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         log.close()
     print(f"\nthe store at {store_dir} keeps the episodes; rerun with --store-dir {store_dir} to continue from them")
-    print(f"browse and search it in a web page:\n  {browser_command(store_dir, args.checkpoint)}\n"
+    print(f"browse and search it in a web page:\n  {browser_command(store_dir, checkpoint)}\n"
           f"  then open http://127.0.0.1:{BROWSER_PORT}/")
     return rc
 
 
 def browser_command(store_dir: Path, checkpoint: str | None = None) -> str:
-    """The command that opens the memory browser (bitmar_browser) on the demo's store."""
+    """The command that opens the memory browser (bitmar_browser) on the demo's store, with the
+    checkpoint that wrote it (the store only opens with its own model)."""
     cmd = [sys.executable, "-m", "bitmar_browser", "--store", str(store_dir)]
     if checkpoint:
         cmd += ["--checkpoint", str(checkpoint)]

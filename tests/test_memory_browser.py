@@ -26,8 +26,8 @@ from ros_helpers import REPO, child_env, wait_for
 from starlette.requests import Request
 
 from bitmar_browser.app import _read_bounded, _TooLarge, create_app, format_ns, parse_time
-from bitmar_browser.cli import ServerThread
-from bitmar_browser.memory_view import MAX_PAGE_SIZE, MAX_UPLOAD_BYTES, MemoryView, ViewError
+from bitmar_browser.cli import ServerThread, default_checkpoint
+from bitmar_browser.memory_view import MAX_PAGE_SIZE, MAX_UPLOAD_BYTES, MemoryView, ViewError, effective_slots
 from bitmar_core.episodic import EpisodicMemory
 from bitmar_ros.demo import browser_command
 
@@ -277,7 +277,11 @@ def test_stats_and_pictures_follow_a_live_writer(site):
     state = site.writer.runtime.memory_state()
     K, C = state["memory"].shape
     assert status == 200 and (s["episodes"], s["memory_writes"], s["slots"], s["slot_dim"]) == (n, n, K, C)
-    assert s["slots_used"] == int((state["usage"] > 0.01).sum()) and s["writable"] is False
+    assert s["slots_used"] == int((state["usage"] > s["used_slot_usage"]).sum()) and s["writable"] is False
+    share = state["usage"].astype(np.float64) / state["usage"].sum()
+    assert s["effective_slots"] == pytest.approx(np.exp(-(share * np.log(share)).sum()))
+    assert effective_slots(np.ones(8)) == pytest.approx(8) and effective_slots(np.eye(1, 8)[0]) == pytest.approx(1)
+    assert effective_slots(np.zeros(8)) is None
     assert (s["newest_time"], s["oldest_time"]) == (format_ns(T0 + 60 * 10**9), format_ns(T0 + 10 * 10**9))
     # The writer (a node) commits an episode while the browser is open: the next poll shows it.
     new_id = site.writer.record("a zebra in the corner", T0 + 70 * 10**9, rgb=frame((90, 90, 90), 0))
@@ -336,6 +340,10 @@ def test_time_parsing():
     with pytest.raises(ViewError, match="end: expected"):
         parse_time("end", "1969-12-31T23:59:59")
     assert format_ns(T0 + 1_234_567_890) == "2025-12-05 16:00:01.234 UTC"
+
+
+def test_default_checkpoint_is_the_bundled_one():
+    assert default_checkpoint().name == "bitmar_default.safetensors" and default_checkpoint().is_file()
 
 
 @pytest.mark.slow

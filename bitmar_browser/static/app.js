@@ -88,7 +88,9 @@ async function pollStats() {
   }
   $("stat-episodes").textContent = s.episodes;
   $("stat-writes").textContent = s.memory_writes ?? "–";
-  $("stat-slots").textContent = s.slots_used === null ? "–" : `${s.slots_used} of ${s.slots}`;
+  $("stat-slots").textContent = s.effective_slots === null ? "–" : `${fmt(s.effective_slots, 1)} of ${s.slots}`;
+  $("stat-slots").title = `usage spread over ${fmt(s.effective_slots, 1)} slots (exp of its entropy); ` +
+    `${s.slots_used} slots above ${s.used_slot_usage}`;
   $("stat-newest").textContent = s.newest_time ?? "–";
   $("stat-oldest").textContent = s.oldest_time ?? "–";
   $("stat-updated").textContent = new Date().toLocaleTimeString();
