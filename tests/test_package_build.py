@@ -52,8 +52,12 @@ def test_colcon_build_produces_the_install_tree(tmp_path):
     assert (inst / "share" / "bitmar_ros" / "launch" / "bitmar.launch.py").is_file()
     assert sorted(p.name for p in (inst / "share" / "bitmar_ros" / "config").glob("*.yaml"))
     assert (inst / "share" / "ament_index" / "resource_index" / "packages" / "bitmar_ros").is_file()
+    browser = inst / "lib" / "bitmar_ros" / "bitmar_memory_browser"
+    assert browser.is_file() and os.access(browser, os.X_OK)
 
     site = next(inst.glob("lib/python3*/site-packages"))
+    assert (site / "bitmar_browser" / "templates" / "base.html").is_file()  # the memory browser's files
+    assert (site / "bitmar_browser" / "static" / "app.js").is_file()
     probe = ("import bitmar_ros, bitmar_core, bitmar_ros.msg as m, bitmar_ros.srv as s;"
              "from rclpy.serialization import serialize_message as ser, deserialize_message as de;"
              "d = m.Description(text='ok', token_index=4); assert de(ser(d), m.Description) == d;"
