@@ -1,9 +1,12 @@
 """BitMarNode: camera + captions in, persistent episodic memory, streaming descriptions out.
 
 A thin adapter: ROS callbacks (one executor thread) only convert and enqueue (bounded, counted);
-one worker thread runs the model (episodes, descriptions). The model lock is taken per decoded token,
-so a query is answered while a description is being generated. Everything model- or storage-shaped
-is ``bitmar_core``.
+one worker thread runs the model (episodes, descriptions); one query thread serves the memory
+queries (retrieval, and answers that decode up to ``answer_max_new_tokens`` tokens), so that neither
+holds up the camera and caption callbacks. The model lock is taken per decoded token, so a query is
+answered while a description is being generated. Everything model- or storage-shaped is
+``bitmar_core``: episodes are recorded, queried, answered, saved and cleared by
+``bitmar_core.episodic.EpisodicMemory``.
 
 Rules at the door (each counted in ``/diagnostics``):
 
@@ -54,6 +57,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -62,6 +66,7 @@ import cv2
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -69,13 +74,15 @@ from rclpy.logging import LoggingSeverity
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from rclpy.subscription import MessageInfo
+from rclpy.task import Future
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from bitmar_core.episodic import EpisodicError, EpisodicMemory
 from bitmar_core.runtime import BitMarRuntime, RuntimeError_
-from bitmar_core.store import EpisodeStore, StoreError, StoreWriteError, make_thumbnail
+from bitmar_core.store import EpisodeStore, StoreError, StoreWriteError
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode
@@ -94,6 +101,7 @@ ERROR_HOLD_S = 60.0  # /diagnostics says ERROR this long after an unexpected exc
 CRASH_LOOP_COUNT = 5  # crashes of one loop within CRASH_LOOP_WINDOW_S: exit for respawn instead
 CRASH_LOOP_WINDOW_S = 60.0
 EXIT_CRASH_LOOP = 3
+MAX_PENDING_QUERIES = 8  # queries waiting for the query thread; more are answered "busy"
 # Frames handled before a late caption callback that may pair with it (pairing.RecentFrames): all of
 # the last 0.5 s, older ones 0.2 s apart, 32 in all (~3.5 s at 30 Hz, ~5.5 s at 10 Hz).
 RECENT_FRAMES = 32
@@ -309,7 +317,11 @@ class BitMarNode(Node):
 
         self._runtime = self._load_runtime()
         self._store = self._open_store()
+        self._memory = EpisodicMemory(self._runtime, self._store)
         self._restore_memory()
+        # Queries run here, off the executor thread (see on_query_memory).
+        self._query_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmar-query")
+        self._queries_pending = 0
 
         qos = QoSProfile(depth=self._cfg["qos_depth"], history=HistoryPolicy.KEEP_LAST,
                          reliability=(ReliabilityPolicy.BEST_EFFORT if self._cfg["qos_reliability"] == "best_effort"
@@ -324,9 +336,12 @@ class BitMarNode(Node):
         self._final_pub = self.create_publisher(String, "description", 10)
         self._episode_pub = self.create_publisher(Episode, "episodes", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._query_srv = self.create_service(QueryMemory, "~/query_memory", self._guarded(
+        # Its own callback group: while a query waits for the query thread, the node's other
+        # callbacks (one mutually exclusive group) run; reentrant, so that queries can queue.
+        self._query_srv = self.create_service(QueryMemory, "~/query_memory", self._guarded_async(
             "query_memory", self.on_query_memory,
-            lambda why: QueryMemory.Response(success=False, message=f"internal error: {why}")))
+            lambda why: QueryMemory.Response(success=False, message=f"internal error: {why}")),
+            callback_group=ReentrantCallbackGroup())
         self._save_srv = self.create_service(Trigger, "~/save_memory", self._guarded(
             "save_memory", self.on_save_memory, lambda why: Trigger.Response(success=False, message=f"internal error: {why}")))
         self._clear_srv = self.create_service(Trigger, "~/clear_memory", self._guarded(
@@ -388,30 +403,18 @@ class BitMarNode(Node):
     def _open_store(self) -> EpisodeStore:
         self._store_dir = os.path.expanduser(self._cfg["store_dir"])
         try:
-            return EpisodeStore.open(self._store_dir, embedding_dim=self._runtime.embedding_dim,
-                                     identity=self._runtime.identity)
+            return EpisodicMemory.open_store(self._runtime, self._store_dir)
         except StoreError as exc:
             raise StartupError(f"cannot open episodic store '{self._store_dir}': {exc} "
                                "(the store was left untouched)") from exc
 
     def _restore_memory(self) -> None:
         try:
-            state = self._store.memory_state()
-        except StoreError as exc:  # garbled memory_state rows: refuse to start, like a garbled store
-            raise StartupError(f"memory state in '{self._store_dir}' is unreadable: {exc} "
-                               "(the store was left untouched)") from exc
-        if state is None:
-            return
-        # NaN/inf in M would poison every later read and description without any error.
-        bad = sorted(k for k, v in state.items() if v.dtype.kind == "f" and not np.isfinite(v).all())
-        if bad:
-            raise StartupError(f"memory state in '{self._store_dir}' holds non-finite values in {bad} "
-                               "(expected finite numbers; the store was left untouched)")
-        try:
-            self._runtime.load_memory_state(state)
-        except (RuntimeError_, ValueError) as exc:
-            raise StartupError(f"memory state in '{self._store_dir}' does not fit the model: {exc}") from exc
-        self._log.info(f"restored episodic memory ({self._runtime.memory_writes} writes)")
+            restored = self._memory.restore()
+        except EpisodicError as exc:  # unreadable, non-finite or misfit: refuse to start, like a garbled store
+            raise StartupError(f"{exc} (the store was left untouched)") from exc
+        if restored:
+            self._log.info(f"restored episodic memory ({self._runtime.memory_writes} writes)")
 
     # ------------------------------------------------------------------ callbacks (never block on the model)
     def on_image(self, msg: Image, info: MessageInfo) -> None:
@@ -508,6 +511,17 @@ class BitMarNode(Node):
             self._last_unexpected = (time.monotonic(), what)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
         self._log.error(f"unexpected {what} (counted in {counter})\n{tb}", max_bytes=MAX_TRACEBACK_BYTES)
+
+    def _guarded_async(self, name: str, callback: Callable, fallback: Callable[[str], object]) -> Callable:
+        """``_guarded`` for a coroutine callback (rclpy awaits it on the executor thread)."""
+        @functools.wraps(callback)
+        async def run(*args, **kwargs):
+            try:
+                return await callback(*args, **kwargs)
+            except Exception as exc:
+                self._report_unexpected(f"callback {name}", exc, "callback_errors")
+                return fallback(clip(f"{type(exc).__name__}: {exc}", 200))
+        return run
 
     def _guarded(self, name: str, callback: Callable, fallback: Callable[[str], object] | None = None) -> Callable:
         """``callback`` for the executor, under the guard: an exception is reported (see
@@ -634,18 +648,10 @@ class BitMarNode(Node):
 
     def _store_episode(self, caption: str, frame: Frame, source: str, code=None, received_ns: int = 0) -> None:
         t0 = time.monotonic()
-        if code is None:
-            code = self._runtime.embed_frame(frame.rgb)
-        episode = self._runtime.encode_episode(code, caption)
-        before = self._runtime.memory_state()
-        self._runtime.write_memory(episode.q)
-        try:
-            ep_id = self._store.add_episode(
-                stamp_ns=frame.stamp_ns, caption=caption, source=source, embedding=episode.embedding,
-                thumbnail_jpeg=make_thumbnail(frame.thumbnail, max_side=self._cfg["thumbnail_size"]),
-                memory_state=self._runtime.memory_state())
+        try:  # memory write and store commit together; a failed commit undoes the write
+            ep_id = self._memory.record(caption, frame.stamp_ns, rgb=frame.rgb, code=code, source=source,
+                                        thumbnail_rgb=frame.thumbnail, thumbnail_size=self._cfg["thumbnail_size"])
         except StoreError as exc:
-            self._runtime.load_memory_state(before)  # RAM must not hold a write the store does not
             self._counters["store_errors"] += 1
             self._log.error(f"episode not stored ({exc}); memory and store unchanged")
             return
@@ -693,43 +699,71 @@ class BitMarNode(Node):
             self._store_episode(text.strip(), frame, "description", code)
 
     # ------------------------------------------------------------------ services
-    def on_query_memory(self, req: QueryMemory.Request, resp: QueryMemory.Response) -> QueryMemory.Response:
-        """The query service (registered under the guard: a bug answers success=False)."""
+    async def on_query_memory(self, req: QueryMemory.Request, resp: QueryMemory.Response) -> QueryMemory.Response:
+        """The query service (registered under the guard: a bug answers success=False). Checked
+        here; retrieved and answered on the query thread while this coroutine waits, so the
+        executor goes on handling camera frames and captions meanwhile."""
         self._counters["queries"] += 1
-        t0 = time.monotonic()
         problem = self._check_query(req)
+        if problem is None and self._queries_pending >= MAX_PENDING_QUERIES:
+            problem = f"busy: {self._queries_pending} queries are waiting (at most {MAX_PENDING_QUERIES})"
         if problem:
             self._counters["queries_rejected"] += 1
             resp.success, resp.message = False, clip(problem, MAX_REPLY_BYTES)
             self._log.warning(f"rejected query: {clip(problem, MAX_REASON_BYTES)}", every_s=1.0, key="query_rejected")
             return resp
-        code = None
+        done = Future(executor=self.executor)
+        done.add_done_callback(lambda _: None)  # completing it from the query thread wakes the executor
+        self._queries_pending += 1
+
+        def work() -> None:
+            try:
+                done.set_result(self._answer_query(req, resp))
+            except BaseException as exc:  # noqa: BLE001 - reported by the guard on the executor thread
+                done.set_exception(exc)
+
+        try:
+            self._query_pool.submit(work)
+            return await done
+        finally:
+            self._queries_pending -= 1
+
+    def _answer_query(self, req: QueryMemory.Request, resp: QueryMemory.Response) -> QueryMemory.Response:
+        """Retrieval (and the answer) of a checked query; runs on the query thread."""
+        t0 = time.monotonic()
+        image = None
         if len(req.image.data):
             try:
-                code = self._runtime.embed_frame(image_to_rgb8(req.image))
+                image = image_to_rgb8(req.image)
             except ImageConversionError as exc:
                 self._counters["queries_rejected"] += 1
                 resp.success, resp.message = False, f"query image: {clip(str(exc), MAX_REASON_BYTES)}"
                 return resp
-        emb = self._runtime.embed_query(req.text or None, code)
-        start = _stamp_ns(req.start) or None
-        end = _stamp_ns(req.end) or None
+        code = self._runtime.embed_frame(image) if image is not None else None
+        window = dict(k=int(req.k), start_ns=_stamp_ns(req.start) or None, end_ns=_stamp_ns(req.end) or None)
         try:
-            hits = self._store.query(emb, int(req.k), start_ns=start, end_ns=end)
+            if req.generate_answer:
+                answer = self._memory.answer(req.text or None, code=code, max_new_tokens=self._cfg["answer_max_new_tokens"],
+                                             **window)
+                hits, message = answer.hits, answer.message
+                resp.answer, resp.answer_episode_ids = answer.text, answer.episode_ids
+            else:
+                result = self._memory.query(req.text or None, code=code, **window)
+                hits, message = result.hits, result.message
         except StoreError as exc:
             resp.success, resp.message = False, clip(f"store: {exc}", MAX_REPLY_BYTES)
             return resp
-        for ep, score in hits:
-            m = Episode(id=ep.id, caption=ep.caption, source=ep.source, score=float(score))
-            m.stamp.sec, m.stamp.nanosec = divmod(ep.stamp_ns, 1_000_000_000)
+        for h in hits:
+            m = Episode(id=h.episode.id, caption=h.episode.caption, source=h.episode.source, score=h.score,
+                        matched_by=h.matched_by, lexical_score=h.lexical_score, lexical_rank=h.lexical_rank,
+                        embedding_score=h.embedding_score, embedding_rank=h.embedding_rank)
+            m.stamp.sec, m.stamp.nanosec = divmod(h.episode.stamp_ns, 1_000_000_000)
             m.thumbnail.format = "jpeg"
             m.thumbnail.header.stamp = m.stamp
-            m.thumbnail.data = ep.thumbnail_jpeg
+            m.thumbnail.data = h.episode.thumbnail_jpeg
             resp.episodes.append(m)
-        if req.generate_answer:
-            resp.answer = self._runtime.answer(req.text or None, code, max_new_tokens=self._cfg["answer_max_new_tokens"])
-        resp.success = True
-        resp.message = f"{len(resp.episodes)} of {self._store.count()} episodes in {1e3 * (time.monotonic() - t0):.1f} ms"
+        resp.success = True  # no episode in the window is an answer too; the message says so
+        resp.message = clip(f"{message}; {1e3 * (time.monotonic() - t0):.1f} ms in all", MAX_REPLY_BYTES)
         return resp
 
     def _check_query(self, req: QueryMemory.Request) -> str | None:
@@ -746,23 +780,16 @@ class BitMarNode(Node):
 
     def on_save_memory(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
         try:
-            self._store.put_memory_state(self._runtime.memory_state())
-            self._store.checkpoint()
+            count = self._memory.save()
         except StoreError as exc:
             resp.success, resp.message = False, clip(str(exc), MAX_REPLY_BYTES)
             return resp
-        resp.success, resp.message = True, f"saved {self._store.count()} episodes and the memory state"
+        resp.success, resp.message = True, f"saved {count} episodes and the memory state"
         return resp
 
     def on_clear_memory(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
         try:
-            before = self._runtime.memory_state()
-            self._runtime.reset_memory()
-            try:
-                self._store.clear()
-            except StoreError:
-                self._runtime.load_memory_state(before)
-                raise
+            self._memory.clear()  # the model's memory and the stored episodes, together
         except StoreError as exc:
             resp.success, resp.message = False, clip(str(exc), MAX_REPLY_BYTES)
             return resp
@@ -854,11 +881,12 @@ class BitMarNode(Node):
         self._worker.join(timeout=30)
         if self._worker.is_alive():
             self._log.error("the worker did not stop within 30 s; closing the store under it")
+        self._query_pool.shutdown(wait=True, cancel_futures=True)
         try:
-            self._store.put_memory_state(self._runtime.memory_state())
+            self._memory.close()
         except StoreError as exc:
             self._log.error(f"memory state not saved at shutdown: {exc}")
-        self._store.close()
+            self._store.close()
 
 
 def main(args=None) -> None:

@@ -73,7 +73,8 @@ def test_query_returns_the_episode_of_the_matching_frame_and_caption(world):
         assert len(resp.episodes) == len(SEEDS)
         assert resp.episodes[0].caption == caption
         # The query embedding of (frame, caption) is the stored embedding itself: cosine 1.
-        assert resp.episodes[0].score == pytest.approx(1.0, abs=1e-4)
+        assert resp.episodes[0].embedding_score == pytest.approx(1.0, abs=1e-4)
+        assert resp.episodes[0].embedding_rank == 1 and resp.episodes[0].matched_by == "lexical+embedding"
         scores = [e.score for e in resp.episodes]
         assert scores == sorted(scores, reverse=True)
         assert bytes(resp.episodes[0].thumbnail.data[:2]) == b"\xff\xd8"  # a JPEG

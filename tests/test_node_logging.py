@@ -172,7 +172,10 @@ def test_every_logging_path_once_and_the_worker_survives_an_injected_fault(ctx, 
         _wait(lambda: node._store.count() == 1, "the first episode")
         node.on_image(_frame(2, sec=-3), _info())
         assert stats()["frame_stamp_replaced"] == 1 and node._latest.stamp_ns > 0
-        resp = node.on_query_memory(QueryMemory.Request(text="", k=3), QueryMemory.Response())
+        query = node.on_query_memory(QueryMemory.Request(text="", k=3), QueryMemory.Response())
+        with pytest.raises(StopIteration) as stop:  # a coroutine (issue 12); a rejection returns before any await
+            query.send(None)
+        resp = stop.value.value
         assert not resp.success and "empty query" in resp.message
         real_add = node._store.add_episode
 
