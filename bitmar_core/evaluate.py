@@ -326,7 +326,7 @@ def evaluate_stream(model, tokenizer, test: HeldOutScenes, tokens: int = 20_000,
         out[name] = {"ppl_first": ppl_first, "ppl_all": ppl_all, "ppl_last": ppl_last,
                      "ratio_all_to_first": ppl_all / ppl_first, "ratio_last_to_first": ppl_last / ppl_first,
                      "final_position": session.position}
-    out.update(tokens=tokens, first=first, scenes=i - start)
+    out.update(tokens=tokens, first=first, scenes=i - start, sink_tokens=c.sink_tokens, window=c.window)
     return out
 
 
@@ -574,7 +574,8 @@ def format_markdown(results: dict) -> str:
         out += [f"**Long stream**: {st['tokens']:,} caption tokens of {st['scenes']} scenes in one session.", "",
                 f"| cache | ppl, first {st['first']:,} | ppl, all | all ÷ first | ppl, last {st['first']:,} | last ÷ first |",
                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for name, label in (("sinks", "S=4 sinks + W=1020 window"), ("window_only", "window of 1024, no sinks")):
+        S, W = st["sink_tokens"], st["window"]
+        for name, label in (("sinks", f"S={S} sinks + W={W} window"), ("window_only", f"window of {S + W}, no sinks")):
             r = st[name]
             out.append(f"| {label} | {r['ppl_first']:.3f} | {r['ppl_all']:.3f} | {r['ratio_all_to_first']:.3f} | "
                        f"{r['ppl_last']:.3f} | {r['ratio_last_to_first']:.3f} |")
