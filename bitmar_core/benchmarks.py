@@ -2,9 +2,10 @@
 
 Each task's public row format becomes `MCItem`s: one (context, continuation) pair per choice and
 the gold index. A choice's score is the decoder's summed log-likelihood of its continuation after
-`[eos] + context` (text only: conditioned on [q = 0 ; read(M0, 0)], as the text-only training
-items are); accuracy picks the argmax (`acc`), or the argmax of the score per UTF-8 byte of the
-continuation (`acc_norm`, lm-evaluation-harness's length normalisation). Prompts follow lm-eval.
+`[eos]×S + [eos] + context`, unconditioned (zero [q ; M_r]): the layout of the text-only training
+items (`bitmar_core.data.streams`: S sinks, the eos that opens a text, no vision, no conditioning);
+accuracy picks the argmax (`acc`), or the argmax of the score per UTF-8 byte of the continuation
+(`acc_norm`, lm-evaluation-harness's length normalisation). Prompts follow lm-eval.
 """
 from __future__ import annotations
 
@@ -205,9 +206,9 @@ def load_task(task: str, path: str | Path, limit: int | None = None) -> list[MCI
 # --------------------------------------------------------------------------- scoring
 
 def text_only_condition(model) -> torch.Tensor:
-    """[q = 0 ; M_r = read(M0, 0)] (1, 2C): the conditioning of the text-only training items."""
-    q = torch.zeros(1, model.config.memory_dim, device=model.memory.M0.device)
-    return model.condition(q, model.read_memory(model.memory.M0.detach().float(), q))
+    """Zeros (1, 2C): the conditioning of the text-only training items (`BitMar._text` decodes
+    them with cond None, no memory read)."""
+    return torch.zeros(1, 2 * model.config.memory_dim, device=model.memory.M0.device)
 
 
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -220,22 +221,24 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
                           cond: torch.Tensor | None = None, max_len: int | None = None) -> list[float]:
-    """Σ log p(continuation tokens | [eos] + context) for each pair, in one right-padded batch.
+    """Σ log p(continuation tokens | [eos]×S + [eos] + context) for each pair, in one right-padded
+    batch (the text-only training layout: S sinks, then the eos that opens the text).
 
     Sequences longer than `max_len` (default: the decoder's S+W positions) lose context tokens from
     the left, right after the leading eos; the continuation is always kept whole."""
     eos = model.config.eos_id
+    lead = [eos] * (model.config.sink_tokens + 1)
     max_len = max_len or model.config.max_positions
     seqs, spans = [], []
     for ctx, cont in zip(contexts, continuations):
         c_ids, x_ids = _encode_pair(tokenizer, ctx, cont)
         if not x_ids:
             raise ValueError(f"empty continuation after context {ctx[-40:]!r}")
-        if 1 + len(x_ids) > max_len:
+        if len(lead) + len(x_ids) > max_len:
             raise ValueError(f"a continuation of {len(x_ids)} tokens does not fit in {max_len} positions")
-        c_ids = c_ids[max(0, 1 + len(c_ids) + len(x_ids) - max_len):]
-        seqs.append([eos] + c_ids + x_ids)
-        spans.append((1 + len(c_ids), len(x_ids)))
+        c_ids = c_ids[max(0, len(lead) + len(c_ids) + len(x_ids) - max_len):]
+        seqs.append(lead + c_ids + x_ids)
+        spans.append((len(lead) + len(c_ids), len(x_ids)))
     device = model.memory.M0.device
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), eos, dtype=torch.long, device=device)

@@ -36,12 +36,23 @@ class BitMarConfig:
     # lm_head: the 50,257×128 table is then stored once at 2 bits/weight (packed file ≤ 5 MB)
     # instead of a second FP16 copy of 12.9 MB.
     tie_embeddings: bool = False
+    # The head (and the tied embedding) cover only the GPT-2 tokens of the training corpus, listed
+    # in the model's `token_ids` buffer (row i ↔ GPT-2 id token_ids[i]); ids the model reads and
+    # writes are row indices, translated by `bitmar_core.tokenizer.VocabTokenizer`. Training and
+    # inference then share one softmax (over these rows), and the head shrinks from 50,257 rows to
+    # a few hundred: most of a training step and of a decode step was that head.
+    vocab_subset: bool = False
 
     # --- vision ---
     backbone: str = "efficientnet_lite0"  # paper: dinov2_vitb14 (768-D); its weights are not offline
     vision_feature_dim: int = 1280  # D of the backbone's patch grid; must match `backbone`
     vision_hidden: int = 384
     vision_dropout: float = 0.1
+    # Ours: the decoder also reads the N compressed vision tokens V as a prefix of each described
+    # scene (with learned row/column embeddings), beside the paper's per-layer [q ; M_r]; a single
+    # pooled 128-D q lost colour, shape and position (docs/MODEL.md, the ablation table).
+    vision_prefix: bool = True
+    vision_grid_max: int = 16  # largest pooled grid side the row/column embeddings cover
 
     # --- fusion ---
     n_fusion_queries: int = 4  # learned queries, so fusion works with no text (image-only describe)
@@ -64,6 +75,10 @@ class BitMarConfig:
     # Training only: share of batches decoded at a random stream offset (positions clamped as in
     # the cache), so positions past the first caption are trained for the node's hours-long session.
     position_offset_prob: float = 0.0
+    # Rotary positions (RoPE) assigned by place in the cache at attention time, as StreamingLLM:
+    # a window key sits at its distance from the query, a sink key at its slot (≤ S+W−1 away), so
+    # order inside the window is kept however long the stream runs.
+    rope_base: float = 10000.0
     conditioning: str = "add"  # 'add' (x + c_l) | 'concat' (BitLinear([x ; c_l]) -> d)
 
     # --- objective (eq. 4) ---
@@ -78,7 +93,8 @@ class BitMarConfig:
 
         for name in ("vocab_size", "d_model", "n_heads", "n_encoder_layers", "n_decoder_layers",
                      "mlp_ratio", "max_text_len", "vision_feature_dim", "vision_hidden",
-                     "n_fusion_queries", "memory_slots", "memory_dim", "sink_tokens", "window"):
+                     "n_fusion_queries", "memory_slots", "memory_dim", "sink_tokens", "window",
+                     "vision_grid_max"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(name, "an integer >= 1")
@@ -86,6 +102,10 @@ class BitMarConfig:
             fail("eos_id", f"an id in [0, vocab_size={self.vocab_size})")
         if self.d_model % self.n_heads:
             fail("d_model", f"a multiple of n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            fail("n_heads", "a divisor of d_model leaving an even head width (rotary pairs)")
+        if not self.rope_base > 1.0:
+            fail("rope_base", "a number > 1")
         if self.memory_dim != self.d_model:
             fail("memory_dim", f"equal to d_model={self.d_model} (text, vision and memory share one space)")
         for name in ("dropout", "vision_dropout"):
@@ -117,7 +137,7 @@ class BitMarConfig:
 
     @property
     def max_positions(self) -> int:
-        """Decoder position-embedding entries: S + W (positions are clamped to S + W - 1)."""
+        """Cache capacity S + W: a query is never more than S + W − 1 places from a key it sees."""
         return self.sink_tokens + self.window
 
     @classmethod

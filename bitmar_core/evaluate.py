@@ -15,25 +15,27 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .benchmarks import TASK_FILES, evaluate_benchmarks
-from .data.datasets import tokenize
+from .data.streams import recall_answer
 from .data.scenes import (Scene, attribute_facts, caption_scene, generate_scene, parse_caption, render_scene,
                           split_seed, true_facts)
 from .generation import DecoderSession
-from .metrics import FactCounts, corpus_bleu, sentence_bleu
+from .metrics import FactCounts, attribute_prf, corpus_bleu, sentence_bleu
 
-TASKS = ("captioning", "memory", "benchmarks")
+TASKS = ("captioning", "memory", "stream", "probes", "benchmarks")
+DEFAULT_TASKS = ("captioning", "memory", "stream", "probes")
 DEFAULT_BENCHMARKS_DIR = Path("data/benchmarks")
 ALT_REFERENCES = 4  # extra wordings of each test caption for multi-reference BLEU
 MEMORY_START = 100_000  # the memory task's scenes come from here in the test split, apart from captioning's
+STREAM_START = 200_000  # ... the long stream's
+PROBE_START = 300_000  # ... and the probes
 
 
 # --------------------------------------------------------------------------- held-out scenes
@@ -109,73 +111,60 @@ def most_frequent_caption(n_train: int, split: str = "train") -> tuple[str, int]
 
 # --------------------------------------------------------------------------- decoding
 
-def caption_ids(tokenizer, captions: Sequence[str], max_len: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (ids, mask) of captions tokenised as in training: no eos, since BitMar frames
-    every decoder sequence as [eos] + ids + [eos] itself."""
-    rows = [tokenize(tokenizer, c, max_len, eos_id, append_eos=False) for c in captions]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), eos_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
-    return ids, mask
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Mean of a − b over paired items, its standard error and a normal 95% interval."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    m = float(d.mean()) if len(d) else float("nan")
+    return {"mean": m, "se": se, "ci95": [m - 1.96 * se, m + 1.96 * se]}
 
 
 @torch.no_grad()
-def describe_condition(model, V: torch.Tensor, M: torch.Tensor | None = None) -> torch.Tensor:
-    """[q ; read(M, q)] with q = fuse(no text, V): the training-time conditioning of a caption.
-    M defaults to the fresh memory M0."""
-    q = model.fuse(None, None, V)
+def scene_codes(model, test: "HeldOutScenes", indices: Sequence[int], batch_size: int = 32) -> torch.Tensor:
+    """Compressed vision tokens V (n, N, C) of test scenes, as the runtime computes them."""
+    return torch.cat([model.compress_vision(test.grids(indices[k:k + batch_size]))
+                      for k in range(0, len(indices), batch_size)])
+
+
+@torch.no_grad()
+def describe_scenes(model, V: torch.Tensor, continuing: bool, max_new_tokens: int, M: torch.Tensor | None = None
+                    ) -> tuple[list[str], int]:
+    """Describe each scene as the node does (`BitMarRuntime.describe`): its vision tokens and
+    [eos] enter a decoder stream conditioned on [q ; read(M, q)], q = fuse(no text, V), M the
+    fresh memory M0 by default; greedy, through the FastDecoder. continuing: one session for every
+    scene in turn (the node's default); else a fresh stream per scene. → (texts, final position)."""
+    from .fast import FastDecoder
+
+    fast = FastDecoder(model)
+    session = DecoderSession(fast)
     M = model.memory.M0.detach().float() if M is None else M
-    return model.condition(q, model.read_memory(M, q))
+    texts = []
+    for b in range(V.shape[0]):
+        if not continuing:
+            session.reset()
+        v = V[b:b + 1]
+        cond = model.recall_condition(model.fuse(None, None, v), M)
+        prefix = model.vision_prefix(v) if model.config.vision_prefix else None
+        ids = session.generate([model.config.eos_id], cond, max_new_tokens, prefix=prefix)
+        texts.append(session.tokenizer.decode(ids))
+    return texts, session.position
 
 
 @torch.no_grad()
-def greedy_decode(model, cond: torch.Tensor, max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
-    """Greedy continuations of [eos] for each row of cond (B, 2C), each in a fresh stream; the same
-    tokens as `generate(model, [eos], cond[b:b+1], max_new_tokens)`, decoded `batch_size` at a time."""
-    eos = model.config.eos_id
-    out: list[list[int]] = []
-    device = model.memory.M0.device
-    for s in range(0, cond.shape[0], batch_size):
-        c = cond[s:s + batch_size].to(device)
-        B = c.shape[0]
-        caches = model.decoder.new_caches(B, device)
-        rows: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool)
-        logits = model.decode(torch.full((B, 1), eos, dtype=torch.long, device=device), c, caches)[:, -1]
-        for _ in range(max_new_tokens):
-            tok = logits.argmax(dim=-1)
-            for b in range(B):
-                if not done[b]:
-                    if int(tok[b]) == eos:
-                        done[b] = True
-                    else:
-                        rows[b].append(int(tok[b]))
-            if done.all():
-                break
-            logits = model.decode(tok.unsqueeze(1), c, caches)[:, -1]
-        out += rows
-    return out
-
-
-@torch.no_grad()
-def caption_nll(model, tokenizer, captions: Sequence[str], cond: torch.Tensor, batch_size: int = 32) -> list[float]:
+def caption_nll(model, tokenizer, captions: Sequence[str], V: torch.Tensor) -> list[float]:
     """Teacher-forced mean negative log-likelihood per token of each caption (its tokens and the
-    closing eos after [eos]) under its row of cond: what the decoder knows even when greedy
-    decoding fails."""
+    closing eos) read after its scene's vision tokens in a fresh stream: what the decoder knows
+    even when greedy decoding fails."""
     eos = model.config.eos_id
-    out: list[float] = []
-    device = model.memory.M0.device
-    for s in range(0, len(captions), batch_size):
-        rows = [tokenizer.encode(c)[: model.config.max_positions - 2] for c in captions[s:s + batch_size]]
-        ids = torch.full((len(rows), max(len(r) for r in rows) + 2), eos, dtype=torch.long, device=device)
-        for b, r in enumerate(rows):
-            ids[b, 1:1 + len(r)] = torch.tensor(r, device=device)
-        logp = model.decode(ids[:, :-1], cond[s:s + len(rows)].to(device)).log_softmax(dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        out += [float(nll[b, :len(r) + 1].mean()) for b, r in enumerate(rows)]
+    M0 = model.memory.M0.detach().float()
+    out = []
+    for b, caption in enumerate(captions):
+        v = V[b:b + 1]
+        session = DecoderSession(model, tokenizer)
+        cond = model.recall_condition(model.fuse(None, None, v), M0)
+        prefix = model.vision_prefix(v) if model.config.vision_prefix else None
+        logp = session.score([eos] + tokenizer.encode(caption) + [eos], cond, prefix)
+        out.append(float(-logp.mean()))
     return out
 
 
@@ -198,17 +187,6 @@ def score_captions(texts: Sequence[str], scenes: Sequence[Scene], refs_multi: Se
 
 
 @torch.no_grad()
-def session_captions(model, tokenizer, cond: torch.Tensor, max_new_tokens: int) -> tuple[list[str], int]:
-    """Runtime-style: one decoder session describes every frame in turn (the stream continues and
-    its positions clamp at S+W−1 once long). → (captions, final stream position)."""
-    session = DecoderSession(model, tokenizer)
-    eos = model.config.eos_id
-    texts = [tokenizer.decode(session.generate(session.separator(eos), cond[b:b + 1], max_new_tokens))
-             for b in range(cond.shape[0])]
-    return texts, session.position
-
-
-@torch.no_grad()
 def evaluate_captioning(model, tokenizer, test: HeldOutScenes, n: int = 200, max_new_tokens: int = 96,
                         baseline_train_n: int = 8000, session_n: int = 0, batch_size: int = 32,
                         n_examples: int = 5) -> dict:
@@ -216,12 +194,11 @@ def evaluate_captioning(model, tokenizer, test: HeldOutScenes, n: int = 200, max
     scenes = [test.scene(i) for i in indices]
     alts = [alternative_captions(s) for s in scenes]
     refs_multi = [[s.caption] + a[1:] for s, a in zip(scenes, alts)]
-    cond = torch.cat([describe_condition(model, model.compress_vision(test.grids(indices[k:k + batch_size])))
-                      for k in range(0, n, batch_size)])
-    texts = [tokenizer.decode(ids) for ids in greedy_decode(model, cond, max_new_tokens, batch_size)]
+    V = scene_codes(model, test, indices, batch_size)
+    texts, _ = describe_scenes(model, V, continuing=False, max_new_tokens=max_new_tokens)
     refs = [sc.caption for sc in scenes]
-    nll = caption_nll(model, tokenizer, refs, cond, batch_size)
-    nll_other = caption_nll(model, tokenizer, refs, cond.roll(1, dims=0), batch_size)  # another scene's image
+    nll = caption_nll(model, tokenizer, refs, V)
+    nll_other = caption_nll(model, tokenizer, refs, V.roll(1, dims=0))  # another scene's image
     frequent, count = most_frequent_caption(baseline_train_n)
     systems = {
         "model": score_captions(texts, scenes, refs_multi),
@@ -237,216 +214,195 @@ def evaluate_captioning(model, tokenizer, test: HeldOutScenes, n: int = 200, max
                         for i, s, t in list(zip(indices, scenes, texts))[:n_examples]]}
     if session_n:
         m = min(session_n, n)
-        session_texts, position = session_captions(model, tokenizer, cond[:m], max_new_tokens)
-        out["session"] = {**score_captions(session_texts, scenes[:m], refs_multi[:m]), "final_position": position,
-                          "fresh_stream_same_scenes": score_captions(texts[:m], scenes[:m], refs_multi[:m])}
+        session_texts, position = describe_scenes(model, V[:m], continuing=True, max_new_tokens=max_new_tokens)
+        fresh = score_captions(texts[:m], scenes[:m], refs_multi[:m])
+        cont = score_captions(session_texts, scenes[:m], refs_multi[:m])
+        out["session"] = {**cont, "final_position": position, "fresh_stream_same_scenes": fresh,
+                          "f1_continuing_minus_fresh": cont["attributes"]["f1"] - fresh["attributes"]["f1"],
+                          "examples": session_texts[:3]}
     return out
 
 
 # --------------------------------------------------------------------------- memory recall
 
-def receptive_field(config) -> int:
-    """R = L·(W−1): a token followed by at least R stream tokens no longer reaches the next query
-    through the sink KV cache (the S sinks aside). A query sees W−1 tokens back and each layer's
-    cached keys/values were mixed over W−1 more, so L layers reach back L·(W−1) tokens."""
-    return config.n_decoder_layers * (config.window - 1)
+MEMORY_CUE = "where was the {c} {s}?"
 
 
-@dataclass
-class StreamEvent:
-    kind: str  # "preamble" | "episode" | "distractor"
-    start: int  # stream index of its first token
-    n_tokens: int
-    episode: int | None = None  # position in MemoryTrial.episodes
-
-
-@dataclass
-class MemoryTrial:
-    """One robot-like stream: a preamble of S tokens (so the sinks hold no episode), then per
-    episode its caption tokens and ≥ `gap_tokens` of unrelated text; the query comes last."""
-    episodes: list[int]  # test-split indices, in the order they were experienced (and written)
-    events: list[StreamEvent] = field(default_factory=list)
-    query_start: int = 0
-
-    def position_of_lag(self, lag: int) -> int:
-        """The episode experienced `lag` episodes before the last one (lag 0: the last)."""
-        if not 0 <= lag < len(self.episodes):
-            raise ValueError(f"lag {lag} outside [0, {len(self.episodes)})")
-        return len(self.episodes) - 1 - lag
-
-    def tokens_since(self, position: int) -> int:
-        """Stream tokens between the end of episode `position`'s caption and the query."""
-        ev = next(e for e in self.events if e.kind == "episode" and e.episode == position)
-        return self.query_start - (ev.start + ev.n_tokens)
-
-
-def build_memory_trial(episodes: Sequence[int], caption_tokens: Sequence[int], distractor_tokens: Iterable[int],
-                       gap_tokens: int, sink_tokens: int) -> MemoryTrial:
-    """Lay out the stream: `caption_tokens[k]` is episode k's length; distractor texts of the given
-    token counts are drawn in order until each gap holds at least `gap_tokens`."""
-    trial = MemoryTrial(list(episodes), [StreamEvent("preamble", 0, sink_tokens)])
-    pos = sink_tokens
-    distractors = iter(distractor_tokens)
-    for k, n in enumerate(caption_tokens):
-        trial.events.append(StreamEvent("episode", pos, int(n), k))
-        pos += int(n)
-        gap = 0
-        while gap < gap_tokens:
-            try:
-                d = int(next(distractors))
-            except StopIteration:
-                raise ValueError("ran out of distractor text before filling a gap") from None
-            trial.events.append(StreamEvent("distractor", pos, d))
-            pos, gap = pos + d, gap + d
-    trial.query_start = pos
-    return trial
-
-
-def distractor_texts(n: int = 400) -> list[str]:
-    """Unrelated text for the gaps: Wikipedia validation summaries where installed, else captions
-    of validation-split scenes."""
-    try:
-        from .data.text import wiki_text_split
-
-        texts = wiki_text_split("validation")[:n]
-        if texts:
-            return texts
-    except (FileNotFoundError, ValueError):
-        pass
-    return [generate_scene(split_seed("validation", i)).caption for i in range(n)]
-
-
-def _cycle(items: Sequence[int]):
-    while True:
-        yield from items
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
-
-
-def object_set(facts: set) -> set:
-    return {f for f in facts if f[0] == "object"}
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Mean of a − b over paired items, its standard error and a normal 95% interval."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    m = float(d.mean()) if len(d) else float("nan")
-    return {"mean": m, "se": se, "ci95": [m - 1.96 * se, m + 1.96 * se]}
-
-
-MEMORY_CONDITIONS = ("on", "on_without_target", "off_fresh", "off_zero")
+def recall_facts(colour: str, shape: str, size: str, position: str) -> set:
+    """What an answer about one stored object should state (as `parse_caption` reads it)."""
+    return {("colour", colour), ("shape", shape), ("object", colour, shape), ("count", colour, shape, 1),
+            ("size", colour, shape, size), ("position", colour, shape, position)}
 
 
 @torch.no_grad()
-def memory_conditions(model, q_ep: torch.Tensor, q_desc: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Episodes q_ep (N,C) written in order by `EpisodicMemoryState.write_`; each episode p is then
-    described from its image q_desc[p] under every condition → ({name: (N, 2C)}, M after the writes)."""
-    N = q_ep.shape[0]
-    state = model.memory.new_state()
-    for k in range(N):
-        state.write_(q_ep[k])
-    without = []
-    for p in range(N):
-        ctrl = model.memory.new_state()
-        for k in range(N):
-            if k != p:
-                ctrl.write_(q_ep[k])
-        without.append(model.read_memory(ctrl.M, q_desc[p:p + 1]))
-    M0 = model.memory.M0.detach().float()
-    conds = {"on": model.condition(q_desc, model.read_memory(state.M, q_desc)),
-             "on_without_target": model.condition(q_desc, torch.cat(without)),
-             "off_fresh": model.condition(q_desc, model.read_memory(M0, q_desc)),
-             "off_zero": model.condition(q_desc, torch.zeros_like(q_desc))}
-    return conds, state.M
+def evaluate_memory(model, tokenizer, test: HeldOutScenes, trials: int = 8, episodes: int = 32,
+                    start: int = MEMORY_START, max_new_tokens: int = 24, batch_size: int = 32) -> dict:
+    """The recall task as the robot meets it. Per trial, `episodes` single-object test scenes are
+    written one by one with `EpisodicMemoryState.write_` (q = fuse(caption, V), forgetting on);
+    then every episode whose colour+shape is unique in the trial is asked about by a cue alone
+    ("where was the purple cross?", q = fuse(cue, no vision)), answered greedily from
+    [q ; read(M, q)] in a fresh decoder stream — the episode is never in the decoder's stream, so
+    only memory can supply its size and position. on: the written memory; off: the fresh M0.
+    Scored by attribute F1 against the object's facts, and position / size accuracy."""
+    from .fast import FastDecoder
 
-
-@torch.no_grad()
-def evaluate_memory(model, tokenizer, test: HeldOutScenes, trials: int = 12, episodes: int = 16,
-                    start: int = MEMORY_START, max_new_tokens: int = 96, gap_tokens: int | None = None,
-                    batch_size: int = 32, distractors: Sequence[str] | None = None) -> dict:
-    """Write `episodes` scene+caption episodes per trial (q = fuse(caption, V), sequential
-    `EpisodicMemoryState.write_` with forgetting), then re-present each episode's image alone and
-    describe it greedily under four memory conditions; score against that episode's caption.
-
-    on: read the written memory; on_without_target: the same writes minus the target's (is it the
-    episode, or just a used memory?); off_fresh: read M0 (nothing written); off_zero: M_r = 0."""
-    c = model.config
-    eos = c.eos_id
-    gap_tokens = receptive_field(c) if gap_tokens is None else gap_tokens
-    pool = [len(tokenizer.encode(t)) for t in (distractors if distractors is not None else distractor_texts())]
-    if not pool or min(pool) < 1:
-        raise ValueError("distractor texts must be non-empty")
-    distractor_stream = _cycle(pool)
-    conds: dict[str, list[torch.Tensor]] = {k: [] for k in MEMORY_CONDITIONS}
-    targets, lags, gaps, layouts = [], [], [], []
-    retrieval = {"store_image_to_episode": [], "image_to_caption": [], "fused_query": [], "memory_slots": []}
+    fast = FastDecoder(model)
+    pool, k = [], start
+    while len(pool) < trials * episodes:
+        sc = test.scene(k)
+        if len(sc.objects) == 1:
+            pool.append(k)
+        k += 1
+    per = {name: {"f1": [], "position": [], "size": []} for name in ("on", "off")}
+    lags, examples = [], []
     for t in range(trials):
-        idx = [start + t * episodes + k for k in range(episodes)]
+        idx = pool[t * episodes:(t + 1) * episodes]
         scenes = [test.scene(i) for i in idx]
-        ids, mask = caption_ids(tokenizer, [s.caption for s in scenes], c.max_text_len, eos)
-        trial = build_memory_trial(idx, mask.sum(1).tolist(), distractor_stream, gap_tokens, c.sink_tokens)
-        layouts.append({"episodes": len(idx), "query_start": trial.query_start,
-                        "min_tokens_since": min(trial.tokens_since(p) for p in range(len(idx)))})
-        V = model.compress_vision(test.grids(idx))
-        Z = model.encode_text(ids, mask)
-        q_ep = model.fuse(Z, mask, V)  # what is written: the episode (caption and image)
-        q_desc = model.fuse(None, None, V)  # what describes: the image alone
-        trial_conds, M_on = memory_conditions(model, q_ep, q_desc)
-        for name in MEMORY_CONDITIONS:
-            conds[name].append(trial_conds[name])
-        for p in range(len(idx)):
-            targets.append(scenes[p])
-            lags.append(len(idx) - 1 - p)
-            gaps.append(trial.tokens_since(p))
-        # Retrieval of the right episode among this trial's, from the re-presented image.
-        t_emb, v_emb = model.fusion.text_embedding(Z, mask), model.fusion.vision_embedding(V)
-        store_keys = _unit(t_emb + v_emb)  # what the runtime indexes an episode by
-        w_r = model.memory.read(M_on, q_desc)[1]
-        w_w = model.memory.write_weights(q_ep)
-        truth = torch.arange(len(idx))
-        retrieval["store_image_to_episode"] += (((_unit(v_emb) @ store_keys.T).argmax(1)) == truth).tolist()
-        retrieval["image_to_caption"] += ((v_emb @ t_emb.T).argmax(1) == truth).tolist()
-        retrieval["fused_query"] += ((_unit(q_desc) @ _unit(q_ep).T).argmax(1) == truth).tolist()
-        retrieval["memory_slots"] += ((w_r @ w_w.T).argmax(1) == truth).tolist()
+        V = scene_codes(model, test, idx, batch_size)
+        state = model.memory.new_state()
+        for e, sc in enumerate(scenes):
+            ids = torch.tensor([tokenizer.encode(sc.caption)])
+            Z = model.encode_text(ids, torch.ones_like(ids))
+            state.write_(model.fuse(Z, torch.ones_like(ids), V[e:e + 1]))
+        desc = [sc.objects[0].descriptor for sc in scenes]
+        unique = [e for e, d in enumerate(desc) if desc.count(d) == 1]
+        for e in unique:
+            o = scenes[e].objects[0]
+            ids = torch.tensor([tokenizer.encode(MEMORY_CUE.format(c=o.colour, s=o.shape))])
+            q = model.fuse(model.encode_text(ids, torch.ones_like(ids)), torch.ones_like(ids), None)
+            truth = recall_facts(o.colour, o.shape, o.size, o.position)
+            for name, M in (("on", state.M), ("off", model.memory.M0.detach().float())):
+                out = DecoderSession(fast).generate([model.config.eos_id], model.recall_condition(q, M), max_new_tokens)
+                text = tokenizer.decode(out)
+                pred = parse_caption(text)
+                per[name]["f1"].append(attribute_prf(pred, truth)["f1"])
+                per[name]["position"].append(float(("position", o.colour, o.shape, o.position) in pred))
+                per[name]["size"].append(float(("size", o.colour, o.shape, o.size) in pred))
+                if len(examples) < 6 and name == "on":
+                    examples.append({"cue": MEMORY_CUE.format(c=o.colour, s=o.shape), "answer": text,
+                                     "truth": recall_answer(o.colour, o.shape, o.size, o.position)})
+            lags.append(len(scenes) - 1 - e)
+    summary = {name: {k: float(np.mean(v)) for k, v in r.items()} for name, r in per.items()}
+    by_lag = {}
+    for lo, hi in ((0, 3), (4, 15), (16, 10**9)):
+        sel = [i for i, l in enumerate(lags) if lo <= l <= hi]
+        if sel:
+            by_lag[f"{lo}-{min(hi, episodes - 1)}"] = {name: float(np.mean([per[name]["f1"][i] for i in sel]))
+                                                      for name in per}
+    return {"trials": trials, "episodes_per_trial": episodes, "queries": len(lags), "start": start,
+            "cue": MEMORY_CUE, "conditions": summary, "by_lag": by_lag, "examples": examples,
+            "on_minus_off_f1": paired_difference(per["on"]["f1"], per["off"]["f1"]),
+            "on_minus_off_position": paired_difference(per["on"]["position"], per["off"]["position"]),
+            "position_chance": 1 / 9, "size_chance": 1 / 2}
 
-    results: dict[str, dict] = {}
-    per_item_f1: dict[str, list[float]] = {}
-    per_item_nll: dict[str, list[float]] = {}
-    for name in MEMORY_CONDITIONS:
-        per_item_nll[name] = caption_nll(model, tokenizer, [s.caption for s in targets], torch.cat(conds[name]),
-                                         batch_size)
-        texts = [tokenizer.decode(x) for x in greedy_decode(model, torch.cat(conds[name]), max_new_tokens, batch_size)]
-        facts = FactCounts()
-        f1s, obj_ok = [], []
-        for text, scene in zip(texts, targets):
-            pred = parse_caption(text)
-            f1s.append(facts.add(pred, attribute_facts(scene), true_facts(scene))["f1"])
-            obj_ok.append(object_set(pred) == object_set(attribute_facts(scene)))
-        per_item_f1[name] = f1s
-        by_lag = {}
-        for lag in sorted(set(lags)):
-            sel = [i for i, l in enumerate(lags) if l == lag]
-            by_lag[str(lag)] = {"f1": float(np.mean([f1s[i] for i in sel])),
-                                "object_accuracy": float(np.mean([obj_ok[i] for i in sel]))}
-        results[name] = {"f1": float(np.mean(f1s)), "object_accuracy": float(np.mean(obj_ok)),
-                         "caption_nll": float(np.mean(per_item_nll[name])),
-                         "attributes": facts.summary(), "by_lag": by_lag, "example": texts[0]}
-    chance = float(np.mean([1.0 / episodes] * len(lags)))
-    return {
-        "trials": trials, "episodes_per_trial": episodes, "queries": len(lags), "start": start,
-        "gap_tokens_min": gap_tokens, "sink_plus_window": c.max_positions, "receptive_field": receptive_field(c),
-        "min_tokens_since_target": int(min(gaps)), "stream_tokens_per_trial": float(np.mean([l["query_start"] for l in layouts])),
-        "conditions": results,
-        "on_minus_off_fresh_f1": paired_difference(per_item_f1["on"], per_item_f1["off_fresh"]),
-        "on_minus_on_without_target_f1": paired_difference(per_item_f1["on"], per_item_f1["on_without_target"]),
-        "on_minus_off_fresh_nll": paired_difference(per_item_nll["on"], per_item_nll["off_fresh"]),
-        "on_minus_on_without_target_nll": paired_difference(per_item_nll["on"], per_item_nll["on_without_target"]),
-        "retrieval_top1": {k: float(np.mean(v)) for k, v in retrieval.items()}, "retrieval_chance": chance,
-        "example_target": targets[0].caption,
-    }
+
+# --------------------------------------------------------------------------- long stream
+
+@torch.no_grad()
+def evaluate_stream(model, tokenizer, test: HeldOutScenes, tokens: int = 20_000, first: int = 1_000,
+                    start: int = STREAM_START, batch_size: int = 32) -> dict:
+    """Perplexity of one continuing stream of scene descriptions `tokens` long (each scene: its
+    vision tokens, eos, its reference caption, the closing eos predicted), with the attention sinks
+    (S + W) and without them (a window of S + W, sinks evicted like any token): the whole stream's
+    perplexity over that of its first `first` caption tokens. Positions run to ~26,000, far past
+    S + W: a stream that lost its order or its sinks would show it here."""
+    c = model.config
+    out = {}
+    for name, sink, window in (("sinks", c.sink_tokens, c.window), ("window_only", 0, c.sink_tokens + c.window)):
+        session = DecoderSession(model, tokenizer, sink=sink, window=window)
+        logps, i = [], start
+        while len(logps) < tokens:
+            V = scene_codes(model, test, list(range(i, i + batch_size)), batch_size)
+            for b in range(V.shape[0]):
+                v = V[b:b + 1]
+                cond = model.recall_condition(model.fuse(None, None, v), model.memory.M0.detach().float())
+                ids = [c.eos_id] + tokenizer.encode(test.scene(i + b).caption) + [c.eos_id]
+                logps += session.score(ids, cond, model.vision_prefix(v) if c.vision_prefix else None).tolist()
+            i += batch_size
+        lp = np.asarray(logps[:tokens])
+        ppl_first = float(np.exp(-lp[:first].mean()))
+        ppl_all = float(np.exp(-lp.mean()))
+        ppl_last = float(np.exp(-lp[-first:].mean()))
+        out[name] = {"ppl_first": ppl_first, "ppl_all": ppl_all, "ppl_last": ppl_last,
+                     "ratio_all_to_first": ppl_all / ppl_first, "ratio_last_to_first": ppl_last / ppl_first,
+                     "final_position": session.position}
+    out.update(tokens=tokens, first=first, scenes=i - start, sink_tokens=c.sink_tokens, window=c.window)
+    return out
+
+
+# --------------------------------------------------------------------------- probes
+
+def linear_probe(X_train: torch.Tensor, y_train: torch.Tensor, X_test: torch.Tensor, y_test: torch.Tensor,
+                 classes: int, weight_decay: float = 1e-3) -> float:
+    """Test accuracy of a multinomial logistic regression (LBFGS) on standardised features."""
+    mu, sd = X_train.mean(0), X_train.std(0) + 1e-6
+    Xtr, Xte = (X_train - mu) / sd, (X_test - mu) / sd
+    torch.manual_seed(0)
+    W = torch.zeros(Xtr.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(Xtr @ W + b, y_train) + weight_decay * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(((Xte @ W + b).argmax(1) == y_test).float().mean())
+
+
+@torch.no_grad()
+def evaluate_probes(model, test: HeldOutScenes, n: int = 1000, start: int = PROBE_START, batch_size: int = 32) -> dict:
+    """Where the picture is lost: linear probes for colour, shape, layout cell and size of single-
+    object test scenes on (a) the backbone's pooled patch grid, (b) the compressed vision tokens V
+    (what the decoder's prefix reads), (c) q = fuse(no text, V) (the pooled 128-D vector that alone
+    conditioned the paper's decoder), (d) the decoder's final state at the eos that starts a
+    description (what the first word is predicted from). 80% of the scenes train the probe, 20% test it."""
+    from .data.scenes import COLOURS, SHAPES
+
+    idx, k = [], start
+    while len(idx) < n:
+        if len(test.scene(k).objects) == 1:
+            idx.append(k)
+        k += 1
+    feats = {"backbone_pooled": [], "vision_tokens": [], "q_pooled": [], "decoder_state": []}
+    c = model.config
+    M0 = model.memory.M0.detach().float()
+    for s in range(0, n, batch_size):
+        grid = test.grids(idx[s:s + batch_size]).float()
+        feats["backbone_pooled"].append(F.avg_pool2d(grid, 2, 2, ceil_mode=True).flatten(1))
+        V = model.compress_vision(grid)
+        feats["vision_tokens"].append(V.flatten(1))
+        q = model.fuse(None, None, V)
+        feats["q_pooled"].append(q)
+        # the decoder's last state before the first word: [sinks] [V] [eos], as a description starts
+        B = V.shape[0]
+        eos = torch.full((B, 1), c.eos_id, dtype=torch.long)
+        parts = [model.wte(eos.expand(B, c.sink_tokens))]
+        if c.vision_prefix:
+            parts.append(model.vision_prefix(V))
+        parts.append(model.wte(eos))
+        emb = torch.cat(parts, dim=1)
+        cond = model.recall_condition(q, M0).unsqueeze(1).expand(B, emb.shape[1], -1).clone()
+        cond[:, :c.sink_tokens] = 0.0
+        h = model.decoder.hidden(emb, cond, None, torch.arange(emb.shape[1]))
+        feats["decoder_state"].append(h[:, -1])
+    objs = [test.scene(i).objects[0] for i in idx]
+    labels = {"colour": ([list(COLOURS).index(o.colour) for o in objs], 8),
+              "shape": ([SHAPES.index(o.shape) for o in objs], 8),
+              "cell": ([o.cell[1] * 3 + o.cell[0] for o in objs], 9),
+              "size": ([int(o.size == "large") for o in objs], 2)}
+    cut = int(0.8 * n)
+    out = {}
+    for name, rows in feats.items():
+        X = torch.cat(rows).float()
+        out[name] = {attr: linear_probe(X[:cut], torch.tensor(y[:cut]), X[cut:], torch.tensor(y[cut:]), k_)
+                     for attr, (y, k_) in labels.items()}
+    out["chance"] = {attr: 1 / k_ for attr, (_, k_) in labels.items()}
+    out["n"] = n
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -455,20 +411,60 @@ def _pct(x: float) -> str:
     return f"{100 * x:6.1f}"
 
 
+def _caption_rows(cap: dict) -> list[tuple[str, dict]]:
+    rows = list(cap["systems"].items())
+    if "session" in cap:
+        rows.append((f"model, one continuing session ({cap['session']['n']} scenes)", cap["session"]))
+        rows.append((f"model, fresh streams (same {cap['session']['n']} scenes)", cap["session"]["fresh_stream_same_scenes"]))
+    return rows
+
+
+def target_lines(results: dict) -> list[tuple[str, str, str]]:
+    """(target, figure, met/missed) for the targets of the model issue, from whatever was run."""
+    out = []
+    cap = results.get("captioning")
+    if cap:
+        a = cap["systems"]["model"]["attributes"]
+        cats = a["by_category"]
+        f1 = lambda k: cats.get(k, {}).get("f1", 0.0)  # noqa: E731
+        out.append(("attribute F1 >= 60% (stretch 90%)", f"{100 * a['f1']:.1f}%", "met" if a["f1"] >= 0.6 else "missed"))
+        for k in ("colour", "shape"):
+            out.append((f"{k} F1 >= 80%", f"{100 * f1(k):.1f}%", "met" if f1(k) >= 0.8 else "missed"))
+        out.append(("position F1 >= 50%", f"{100 * f1('position'):.1f}%", "met" if f1("position") >= 0.5 else "missed"))
+        if "session" in cap:
+            se = cap["session"]
+            d = se["f1_continuing_minus_fresh"]
+            ok = abs(d) <= 0.05 and se["empty_fraction"] == 0
+            out.append((f"continuing session over {se['n']} scenes: F1 within 5 points of fresh, no empty",
+                        f"{100 * d:+.1f} points, {100 * se['empty_fraction']:.0f}% empty", "met" if ok else "missed"))
+    mem = results.get("memory")
+    if mem:
+        d = mem["on_minus_off_f1"]
+        ok = d["mean"] >= 0.10 and d["ci95"][0] > 0
+        out.append(("memory task on - off >= +10 points (stretch +20), 95% CI above 0",
+                    f"{100 * d['mean']:+.1f} points (CI {100 * d['ci95'][0]:+.1f} .. {100 * d['ci95'][1]:+.1f})",
+                    "met" if ok else "missed"))
+    st = results.get("stream")
+    if st:
+        r = st["sinks"]["ratio_all_to_first"]
+        out.append((f"{st['tokens']:,}-token stream: perplexity with sinks <= 1.1x its first {st['first']:,} tokens",
+                    f"{r:.3f}x (window only: {st['window_only']['ratio_all_to_first']:.3f}x)",
+                    "met" if r <= 1.1 else "missed"))
+    if "zero_fraction" in results:
+        out.append(("zero-weight fraction (paper: 42.8%)", f"{100 * results['zero_fraction']:.1f}%", "reported"))
+    return out
+
+
 def format_report(results: dict) -> str:
     lines = []
     cap = results.get("captioning")
     if cap:
-        lines += [f"Captioning: {cap['n']} held-out test scenes, greedy, fresh stream and memory",
-                  f"{'system':34s} {'attrP':>6s} {'attrR':>6s} {'attrF1':>6s} {'macF1':>6s} {'BLEU4':>6s} "
+        lines += [f"Captioning: {cap['n']} held-out test scenes, greedy, fresh memory",
+                  f"{'system':46s} {'attrP':>6s} {'attrR':>6s} {'attrF1':>6s} {'macF1':>6s} {'BLEU4':>6s} "
                   f"{'BLEU4m':>6s} {'words':>6s} {'empty':>6s}"]
-        rows = list(cap["systems"].items())
-        if "session" in cap:
-            rows.append((f"model, one session ({cap['session']['n']} scenes)", cap["session"]))
-            rows.append((f"model, fresh stream (same {cap['session']['n']})", cap["session"]["fresh_stream_same_scenes"]))
-        for name, s in rows:
+        for name, s in _caption_rows(cap):
             a = s["attributes"]
-            lines.append(f"{name:34s} {_pct(a['precision'])} {_pct(a['recall'])} {_pct(a['f1'])} "
+            lines.append(f"{name:46s} {_pct(a['precision'])} {_pct(a['recall'])} {_pct(a['f1'])} "
                          f"{_pct(a['macro_f1'])} {_pct(s['bleu4'])} {_pct(s['bleu4_multi_ref'])} {s['mean_words']:6.1f} "
                          f"{_pct(s['empty_fraction'])}")
         cn = cap["caption_nll"]
@@ -480,30 +476,32 @@ def format_report(results: dict) -> str:
         lines.append("")
     mem = results.get("memory")
     if mem:
-        lines += [f"Memory recall: {mem['trials']} trials × {mem['episodes_per_trial']} episodes = {mem['queries']} "
-                  f"queries; ≥ {mem['min_tokens_since_target']} stream tokens since each target "
-                  f"(S+W = {mem['sink_plus_window']}, receptive field {mem['receptive_field']})",
-                  f"{'condition':22s} {'attrF1':>6s} {'objAcc':>6s} {'NLL':>6s}"]
-        buckets = [(lo, hi) for lo, hi in ((0, 0), (1, 3), (4, 7), (8, 15), (16, 10**9)) if lo < mem["episodes_per_trial"]]
-        lines[-1] += "   F1 by lag " + " ".join(f"{lo}-{min(hi, mem['episodes_per_trial'] - 1)}".rjust(6)
-                                             for lo, hi in buckets)
+        lines += [f"Memory recall: {mem['trials']} trials × {mem['episodes_per_trial']} episodes, {mem['queries']} cues "
+                  f"(\"{mem['cue']}\"); the answer is only in memory",
+                  f"{'condition':10s} {'attrF1':>6s} {'pos':>6s} {'size':>6s}   (chance: position 11.1, size 50.0)"]
         for name, r in mem["conditions"].items():
-            by_lag = {int(k): v["f1"] for k, v in r["by_lag"].items()}
-            cells = []
-            for lo, hi in buckets:
-                vals = [f for lag, f in by_lag.items() if lo <= lag <= hi]
-                cells.append(_pct(float(np.mean(vals))) if vals else "     -")
-            lines.append(f"{name:22s} {_pct(r['f1'])} {_pct(r['object_accuracy'])} {r['caption_nll']:6.3f}"
-                         + " " * 13 + " ".join(cells))
-        for key in ("on_minus_off_fresh_f1", "on_minus_on_without_target_f1"):
+            lines.append(f"{name:10s} {_pct(r['f1'])} {_pct(r['position'])} {_pct(r['size'])}")
+        for key in ("on_minus_off_f1", "on_minus_off_position"):
             d = mem[key]
-            lines.append(f"{key:30s} {100 * d['mean']:+.2f} pp (95% CI {100 * d['ci95'][0]:+.2f} .. {100 * d['ci95'][1]:+.2f})")
-        for key in ("on_minus_off_fresh_nll", "on_minus_on_without_target_nll"):
-            d = mem[key]
-            lines.append(f"{key:30s} {d['mean']:+.4f} nats/token (95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
-        lines.append("retrieval top-1 among the trial's episodes (chance "
-                     f"{_pct(mem['retrieval_chance']).strip()}%): " +
-                     ", ".join(f"{k} {_pct(v).strip()}" for k, v in mem["retrieval_top1"].items()))
+            lines.append(f"{key:24s} {100 * d['mean']:+.2f} points (95% CI {100 * d['ci95'][0]:+.2f} .. {100 * d['ci95'][1]:+.2f})")
+        lines.append("F1 by lag (episodes written after the target): " +
+                     ", ".join(f"{k}: on {_pct(v['on']).strip()} / off {_pct(v['off']).strip()}" for k, v in mem["by_lag"].items()))
+        lines.append("")
+    st = results.get("stream")
+    if st:
+        lines.append(f"Long stream: {st['tokens']:,} caption tokens over {st['scenes']} scenes in one session")
+        for name in ("sinks", "window_only"):
+            r = st[name]
+            lines.append(f"{name:12s} ppl first {st['first']:,}: {r['ppl_first']:.3f}, all: {r['ppl_all']:.3f} "
+                         f"({r['ratio_all_to_first']:.3f}x), last {st['first']:,}: {r['ppl_last']:.3f} "
+                         f"({r['ratio_last_to_first']:.3f}x); final position {r['final_position']:,}")
+        lines.append("")
+    pr = results.get("probes")
+    if pr:
+        lines.append(f"Linear probes ({pr['n']} single-object test scenes, 20% held out), accuracy %:")
+        lines.append(f"{'features':18s} " + " ".join(f"{k:>7s}" for k in pr["chance"]))
+        for name in ("backbone_pooled", "vision_tokens", "q_pooled", "decoder_state", "chance"):
+            lines.append(f"{name:18s} " + " ".join(f"{100 * pr[name][k]:7.1f}" for k in pr["chance"]))
         lines.append("")
     bench = results.get("benchmarks")
     if bench:
@@ -514,25 +512,28 @@ def format_report(results: dict) -> str:
                 lines.append(f"{task:16s} missing: {r['missing']}")
             else:
                 lines.append(f"{task:16s} {r['n']:5d} {_pct(r['acc'])} {_pct(r['acc_norm'])} {_pct(r['chance'])}")
+        lines.append("")
+    targets = target_lines(results)
+    if targets:
+        lines.append("Targets")
+        lines += [f"  {t}: {f} — {m}" for t, f, m in targets]
     return "\n".join(lines)
 
 
 def format_markdown(results: dict) -> str:
     """The same numbers as Markdown tables (for docs/EVALUATION.md and the model card)."""
     out = []
+    targets = target_lines(results)
+    if targets:
+        out += ["| target | figure | |", "| --- | --- | --- |"] + [f"| {t} | {f} | {m} |" for t, f, m in targets] + [""]
     cap = results.get("captioning")
     if cap:
-        out += [f"**Captioning**, {cap['n']} held-out test scenes (greedy, fresh stream and memory). "
-                "Attribute P/R/F1 micro-averaged (macro F1 = mean per caption); BLEU-4 against the shipped "
-                "caption, BLEU-4m against it and 4 other wordings; all in %.", "",
+        out += [f"**Captioning**, {cap['n']} held-out test scenes (greedy, fresh memory, through the node's "
+                "FastDecoder). Attribute P/R/F1 micro-averaged (macro F1 = mean per caption); BLEU-4 against the "
+                "shipped caption, BLEU-4m against it and 4 other wordings; all in %.", "",
                 "| system | attr P | attr R | attr F1 | macro F1 | BLEU-4 | BLEU-4m | words | empty |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        rows = list(cap["systems"].items())
-        if "session" in cap:
-            rows.append((f"model, one continuing session ({cap['session']['n']} scenes)", cap["session"]))
-            rows.append((f"model, fresh streams (same {cap['session']['n']} scenes)",
-                         cap["session"]["fresh_stream_same_scenes"]))
-        for name, s in rows:
+        for name, s in _caption_rows(cap):
             a = s["attributes"]
             out.append(f"| {name} | {100 * a['precision']:.1f} | {100 * a['recall']:.1f} | {100 * a['f1']:.1f} | "
                        f"{100 * a['macro_f1']:.1f} | {100 * s['bleu4']:.1f} | {100 * s['bleu4_multi_ref']:.1f} | "
@@ -551,33 +552,43 @@ def format_markdown(results: dict) -> str:
         out.append("")
     mem = results.get("memory")
     if mem:
-        out += [f"**Memory recall**, {mem['trials']} trials × {mem['episodes_per_trial']} episodes = {mem['queries']} "
-                f"queries; each target ≥ {mem['min_tokens_since_target']:,} stream tokens back (S+W = "
-                f"{mem['sink_plus_window']:,}, receptive field {mem['receptive_field']:,}). In %.", "",
-                "| condition | attr F1 | object accuracy | caption NLL (nats/token) | F1 lag 0 | F1 lag 1–3 | F1 lag 4–7 | F1 lag 8+ |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        out += [f"**Memory recall**, {mem['trials']} trials × {mem['episodes_per_trial']} single-object episodes "
+                f"written one by one, {mem['queries']} cues (\"{mem['cue']}\"); the episode never enters the "
+                "decoder's stream. In %.", "",
+                "| condition | attr F1 | position | size |", "| --- | ---: | ---: | ---: |"]
         for name, r in mem["conditions"].items():
-            by_lag = {int(k): v["f1"] for k, v in r["by_lag"].items()}
-            cells = []
-            for lo, hi in ((0, 0), (1, 3), (4, 7), (8, 10**9)):
-                vals = [f for lag, f in by_lag.items() if lo <= lag <= hi]
-                cells.append(f"{100 * float(np.mean(vals)):.1f}" if vals else "–")
-            out.append(f"| {name} | {100 * r['f1']:.1f} | {100 * r['object_accuracy']:.1f} | {r['caption_nll']:.4f} | "
-                       + " | ".join(cells) + " |")
+            out.append(f"| {name} | {100 * r['f1']:.1f} | {100 * r['position']:.1f} | {100 * r['size']:.1f} |")
+        out.append("| chance | | 11.1 | 50.0 |")
         out.append("")
-        for key, label in (("on_minus_off_fresh_f1", "ON − OFF (fresh M0)"),
-                           ("on_minus_on_without_target_f1", "ON − ON without the target's write")):
+        for key, label in (("on_minus_off_f1", "ON − OFF, attribute F1"), ("on_minus_off_position", "ON − OFF, position")):
             d = mem[key]
-            out.append(f"- {label}: {100 * d['mean']:+.2f} pp F1 (95% CI {100 * d['ci95'][0]:+.2f} … "
+            out.append(f"- {label}: {100 * d['mean']:+.2f} points (95% CI {100 * d['ci95'][0]:+.2f} … "
                        f"{100 * d['ci95'][1]:+.2f})")
-        for key, label in (("on_minus_off_fresh_nll", "ON − OFF (fresh M0)"),
-                           ("on_minus_on_without_target_nll", "ON − ON without the target's write")):
-            d = mem[key]
-            out.append(f"- {label}, caption NLL: {d['mean']:+.4f} nats/token (95% CI {d['ci95'][0]:+.4f} … "
-                       f"{d['ci95'][1]:+.4f}; negative = memory helps)")
-        out += ["", f"Retrieval top-1 among {mem['episodes_per_trial']} episodes (chance "
-                f"{100 * mem['retrieval_chance']:.1f}%): " +
-                ", ".join(f"{k} {100 * v:.1f}%" for k, v in mem["retrieval_top1"].items()) + ".", ""]
+        out.append("- F1 by lag: " + ", ".join(f"{k}: on {100 * v['on']:.1f} / off {100 * v['off']:.1f}"
+                                            for k, v in mem["by_lag"].items()))
+        for e in mem["examples"][:3]:
+            out.append(f"- \"{e['cue']}\" → \"{e['answer'].strip()}\" (stored: \"{e['truth']}\")")
+        out.append("")
+    st = results.get("stream")
+    if st:
+        out += [f"**Long stream**: {st['tokens']:,} caption tokens of {st['scenes']} scenes in one session.", "",
+                f"| cache | ppl, first {st['first']:,} | ppl, all | all ÷ first | ppl, last {st['first']:,} | last ÷ first |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        S, W = st["sink_tokens"], st["window"]
+        for name, label in (("sinks", f"S={S} sinks + W={W} window"), ("window_only", f"window of {S + W}, no sinks")):
+            r = st[name]
+            out.append(f"| {label} | {r['ppl_first']:.3f} | {r['ppl_all']:.3f} | {r['ratio_all_to_first']:.3f} | "
+                       f"{r['ppl_last']:.3f} | {r['ratio_last_to_first']:.3f} |")
+        out.append("")
+    pr = results.get("probes")
+    if pr:
+        out += [f"**Linear probes**, {pr['n']} single-object test scenes (20% held out), accuracy %.", "",
+                "| features | " + " | ".join(pr["chance"]) + " |", "| --- |" + " ---: |" * len(pr["chance"])]
+        for name, label in (("backbone_pooled", "backbone, 2×2 pooled grid"), ("vision_tokens", "V (the decoder's prefix)"),
+                            ("q_pooled", "q = fuse(no text, V), pooled"),
+                            ("decoder_state", "decoder state at the eos that starts a description"), ("chance", "chance")):
+            out.append(f"| {label} | " + " | ".join(f"{100 * pr[name][k]:.1f}" for k in pr["chance"]) + " |")
+        out.append("")
     bench = results.get("benchmarks")
     if bench:
         out += [f"**Zero-shot benchmarks** from `{bench['dir']}` (accuracy %).", "",
@@ -598,7 +609,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bitmar-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors written by save_checkpoint")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--n", type=int, default=200, help="held-out test scenes to caption")
     p.add_argument("--out", type=Path, help="write every number as JSON here")
     p.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
@@ -619,10 +630,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--session-n", type=int, default=50,
                    help="also caption this many scenes in one continuing decoder session (0: skip)")
     g = p.add_argument_group("memory")
-    g.add_argument("--memory-trials", type=int, default=12)
-    g.add_argument("--memory-episodes", type=int, default=16, help="episodes written per trial (lags 0..N-1)")
+    g.add_argument("--memory-trials", type=int, default=8)
+    g.add_argument("--memory-episodes", type=int, default=32, help="episodes written per trial (lags 0..N-1)")
     g.add_argument("--memory-start", type=int, default=MEMORY_START, help="first test-split index the task uses")
-    g.add_argument("--gap-tokens", type=int, help="stream tokens after each episode (default: the receptive field)")
+    g = p.add_argument_group("stream")
+    g.add_argument("--stream-tokens", type=int, default=20_000, help="caption tokens in the long stream")
+    g.add_argument("--stream-start", type=int, default=STREAM_START, help="first test-split index the task uses")
+    g = p.add_argument_group("probes")
+    g.add_argument("--probe-n", type=int, default=1000, help="single-object scenes for the linear probes")
+    g.add_argument("--probe-start", type=int, default=PROBE_START, help="first test-split index the task uses")
     g = p.add_argument_group("benchmarks")
     g.add_argument("--benchmarks-dir", type=Path, default=DEFAULT_BENCHMARKS_DIR,
                    help=f"folder of {', '.join(TASK_FILES.values())}")
@@ -632,9 +648,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.tasks) - set(TASKS))
     if unknown or not args.tasks:
         p.error(f"--tasks: unknown {unknown}; expected some of {list(TASKS)}")
-    for name in ("n", "max_new_tokens", "batch_size", "memory_trials", "memory_episodes", "baseline_train_n"):
+    for name in ("n", "max_new_tokens", "batch_size", "memory_trials", "memory_episodes", "baseline_train_n",
+                 "stream_tokens", "probe_n"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    for name in ("features_start", "memory_start", "stream_start", "probe_start"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be a test-split index ≥ 0")
     return args
 
 
@@ -665,18 +685,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from .checkpoint import CheckpointError, load_checkpoint
-    from .tokenizer import default_tokenizer
+    from .quant import zero_weight_fraction
+    from .tokenizer import tokenizer_for
 
     try:
         model = load_checkpoint(args.checkpoint)
     except (FileNotFoundError, CheckpointError) as e:
         print(f"bitmar-eval: {e}", file=sys.stderr)
         return 2
-    tokenizer = default_tokenizer()
+    tokenizer = tokenizer_for(model)
     results: dict = {"checkpoint": str(args.checkpoint), "config": model.config.to_dict(),
-                     "args": {k: str(v) for k, v in vars(args).items()}}
+                     "args": {k: str(v) for k, v in vars(args).items()},
+                     "zero_fraction": zero_weight_fraction(model), "parameters": model.num_parameters()}
     timings = {}
-    test = build_test_scenes(args, model.config) if {"captioning", "memory"} & set(args.tasks) else None
+    test = build_test_scenes(args, model.config) if {"captioning", "memory", "stream", "probes"} & set(args.tasks) else None
     if "captioning" in args.tasks:
         t0 = time.time()
         results["captioning"] = evaluate_captioning(model, tokenizer, test, args.n, args.max_new_tokens,
@@ -685,8 +707,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "memory" in args.tasks:
         t0 = time.time()
         results["memory"] = evaluate_memory(model, tokenizer, test, args.memory_trials, args.memory_episodes,
-                                            args.memory_start, args.max_new_tokens, args.gap_tokens, args.batch_size)
+                                            args.memory_start, batch_size=args.batch_size)
         timings["memory"] = time.time() - t0
+    if "stream" in args.tasks:
+        t0 = time.time()
+        results["stream"] = evaluate_stream(model, tokenizer, test, args.stream_tokens, start=args.stream_start,
+                                            batch_size=args.batch_size)
+        timings["stream"] = time.time() - t0
+    if "probes" in args.tasks:
+        t0 = time.time()
+        results["probes"] = evaluate_probes(model, test, args.probe_n, start=args.probe_start,
+                                            batch_size=args.batch_size)
+        timings["probes"] = time.time() - t0
     if "benchmarks" in args.tasks:
         t0 = time.time()
         tasks = evaluate_benchmarks(model, tokenizer, args.benchmarks_dir, limit=args.benchmark_limit)

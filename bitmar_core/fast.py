@@ -10,7 +10,7 @@ exactly) left the reference's greedy stream after 0–215 tokens in our trials. 
 * the C++ step (csrc/bitmar_fast.cpp, built by `python -m bitmar_core.fast --build`) makes the
   reference's own ATen calls — or the BLAS calls beneath them, where checked bit-identical — for
   every order-sensitive op, and replaces the Python around them;
-* the 128 → 50,257 head — most of a step — stays packed, 2 bits/weight (1.6 MB instead of 25.7 MB),
+* the 128 → vocabulary head stays packed, 2 bits/weight (4 bytes/weight unpacked),
   and is an exact integer dot product whose argmax is provably the reference's; an exact tie at the
   top is settled by running the reference's own head computation once (rare);
 * without the extension (not built, a GPU, batch > 1) a streamlined PyTorch step with the same op
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .quant import EPS, BitLinear, PackedBitLinear, absmax_int8, unpack_ternary
+from .decoder import rotate
 from .text_encoder import attention
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,8 @@ class FastDecoder:
         self.decoder = model.decoder
         dec, c = model.decoder, model.config
         # DecoderSession only reads model.wte.weight.device; a tied model's wte.weight would unpack
-        # the whole head to FP32 (25.7 MB), which is what this class avoids.
-        self.wte = types.SimpleNamespace(weight=dec.wpe.weight)
+        # the whole head to FP32, which is what this class avoids.
+        self.wte = types.SimpleNamespace(weight=dec.ln_f.weight)
         self._tied = bool(c.tie_embeddings)
         self._concat = c.conditioning == "concat"
         self._cond_obj: torch.Tensor | None = None
@@ -211,7 +212,7 @@ class FastDecoder:
         self._bound: tuple = ()
         self._ext = None
         ext = None
-        on_cpu = dec.wpe.weight.device.type == "cpu" and dec.wpe.weight.dtype == torch.float32
+        on_cpu = dec.ln_f.weight.device.type == "cpu" and dec.ln_f.weight.dtype == torch.float32
         if backend != "torch":
             ext = load_extension() if on_cpu else None
             if ext is None:
@@ -240,8 +241,7 @@ class FastDecoder:
             layer_scalars.append([layer.ln_1.eps, layer.ln_2.eps, *gs])
         self._head_packed, beta, gamma = packed_head(dec.head)
         wte = torch.empty(0) if self._tied else self.model.wte.weight.detach().float().contiguous()
-        self._ext = ext.Stepper(c.d_model, c.n_heads, c.vocab_size, c.max_positions, self._concat, EPS,
-                                wte, dec.wpe.weight.detach().contiguous(),
+        self._ext = ext.Stepper(c.d_model, c.n_heads, c.vocab_size, self._concat, EPS, wte,
                                 layer_tensors, layer_scalars, dec.ln_f.weight.detach(), dec.ln_f.bias.detach(),
                                 dec.ln_f.eps, self._head_packed, dec.head.in_features, beta, gamma)
 
@@ -269,14 +269,19 @@ class FastDecoder:
 
     # --------------------------------------------------------------- DecoderSession's interface
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor, cond: torch.Tensor | None = None, caches=None, start: int = 0) -> torch.Tensor:
-        """ids (1,T) → FP32 logits (1,1,V) of the last position, continuing `caches`; equal to
-        `model.decode(ids, cond, caches)[:, -1:]`. Without caches or with batch > 1: the reference."""
+    def decode(self, ids: torch.Tensor, cond: torch.Tensor | None = None, caches=None, start: int = 0,
+               prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (1,T) after an optional embedding prefix (1,P,d) → FP32 logits (1,1,V) of the last
+        position, continuing `caches`; equal to `model.decode(ids, cond, caches, prefix=prefix)[:, -1:]`.
+        Without caches or with batch > 1: the reference."""
         if caches is None or ids.shape[0] != 1:
-            return self.model.decode(ids, cond, caches, start)[:, -1:]
-        if ids.shape[1] == 1:
+            return self.model.decode(ids, cond, caches, start, prefix=prefix)[:, -1:]
+        if ids.shape[1] == 1 and prefix is None:
             return self._step(ids, cond, caches)
-        return self._prefill(ids, cond, caches)
+        return self._prefill(ids, cond, caches, prefix)
+
+    def vision_prefix(self, V: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_prefix(V)
 
     def _cond_vectors(self, cond: torch.Tensor | None, like: torch.Tensor) -> list[torch.Tensor]:
         """c_ℓ = P_ℓ([q ; M_r]) per layer, (1,1,d): the reference recomputes them every step, with
@@ -296,7 +301,7 @@ class FastDecoder:
                 raise ValueError(f"FastDecoder: {len(caches)} caches for {len(self.decoder.layers)} layers")
             c0 = caches[0]
             self._ext.set_caches([c.k for c in caches], [c.v for c in caches], [c.slot_pos for c in caches],
-                                 c0.sink, c0.window)
+                                 [c.sink_raw for c in caches], c0.sink, c0.window)
             self._bound = tuple(caches)
 
     def _step(self, ids: torch.Tensor, cond: torch.Tensor | None, caches) -> torch.Tensor:
@@ -305,9 +310,13 @@ class FastDecoder:
             raise ValueError("FastDecoder: the layers' caches disagree on the stream position")
         if self._ext is None:
             return self._torch_step(ids, cond, caches)
-        self._cond_vectors(cond, self.decoder.wpe.weight)
+        self._cond_vectors(cond, self.decoder.ln_f.weight)
         self._bind(caches)
-        logits = self._ext.step(int(ids[0, 0]), t)
+        rotary = self.decoder.rotary
+        for c in caches:  # the reference does this inside attend, after storing token t (same result)
+            c.refresh_sinks(t, rotary)
+        cos, sin = rotary(torch.tensor([t]))
+        logits = self._ext.step(int(ids[0, 0]), t, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous())
         for c in caches:
             c.length += 1
         return logits.view(1, 1, -1)
@@ -323,35 +332,44 @@ class FastDecoder:
         """One token with the reference's op sequence (bit-identical), minus its Python overhead."""
         dec, cfg = self.decoder, self.config
         t = caches[0].length
-        x = dec.drop(self._embed(ids) + dec.wpe.weight[min(t, cfg.max_positions - 1)])
+        x = dec.drop(self._embed(ids))
         conds = self._cond_vectors(cond, x)
         c0 = caches[0]
         slot = t if t < c0.sink else c0.sink + (t - c0.sink) % c0.window
         n_valid = min(t + 1, c0.capacity)
         H = cfg.n_heads
+        cos, sin = dec.rotary(torch.tensor([t], device=x.device))
         for layer, c, cache in zip(dec.layers, conds, caches):
             x = x + c if not self._concat else layer.cond_mix(torch.cat([x, c.expand_as(x)], dim=-1))
             q, k, v = (y.view(1, 1, H, -1).transpose(1, 2) for y in layer.attn.qkv(layer.ln_1(x)).chunk(3, dim=-1))
+            if t < cache.sink:
+                cache.sink_raw[:, :, t] = k[:, :, 0]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             cache.k[:, :, slot] = k[:, :, 0]
             cache.v[:, :, slot] = v[:, :, 0]
             cache.slot_pos[slot] = t
+            cache.refresh_sinks(t, dec.rotary)
             cache.length += 1
             y = attention(q, cache.k[:, :, :n_valid], cache.v[:, :, :n_valid], None)
             x = x + layer.attn.proj(y.transpose(1, 2).reshape(1, 1, -1))
             x = x + layer.mlp(layer.ln_2(x))
         return dec.head(dec.ln_f(x.float()))
 
-    def _prefill(self, ids: torch.Tensor, cond: torch.Tensor | None, caches) -> torch.Tensor:
-        """Several tokens: the reference's layers (its batched matmuls round differently from T
-        single steps, so only they give its cache), then the head on the last position."""
+    def _prefill(self, ids: torch.Tensor, cond: torch.Tensor | None, caches,
+                 prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Several tokens (or a prefix): the reference's layers (its batched matmuls round
+        differently from T single steps, so only they give its cache), then the head on the last
+        position."""
         dec = self.decoder
         tok_emb = self._embed(ids)
+        if prefix is not None:
+            tok_emb = torch.cat([prefix.to(tok_emb.dtype), tok_emb], dim=1)
         full = cond if cond is not None else tok_emb.new_zeros(1, 2 * self.config.memory_dim)
         start = caches[0].length
-        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
-        x = dec.drop(tok_emb + dec.wpe(dec.position_ids(pos)))
+        pos = torch.arange(start, start + tok_emb.shape[1], device=tok_emb.device)
+        x = dec.drop(tok_emb)
         for layer, cache in zip(dec.layers, caches):
-            x = layer(x, full, pos, cache)
+            x = layer(x, full, pos, dec.rotary, cache)
         h = dec.ln_f(x.float())
         if self._ext is None:
             return dec.head(h)[:, -1:]

@@ -38,20 +38,30 @@ class CrossModalFusion(nn.Module):
         self.text_head = BitLinear(C, C)
         self.vision_head = BitLinear(C, C)
 
-    def forward(self, Z: torch.Tensor | None, text_mask: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
-        """Z (B,T,C) or None/empty, text_mask (B,T), V (B,N,C) → q (B,C)."""
-        B = V.shape[0]
+    def forward(self, Z: torch.Tensor | None, text_mask: torch.Tensor | None, V: torch.Tensor | None) -> torch.Tensor:
+        """Z (B,T,C) or None/empty, text_mask (B,T), V (B,N,C) or None → q (B,C).
+
+        V None (text alone: a memory cue such as "where was the purple cross?") skips the
+        cross-attention: q is the pooled LN(Q), in the same space as an episode's q, so a cue can
+        address what `fuse(caption, V)` wrote into memory."""
+        if V is None and (Z is None or Z.shape[1] == 0):
+            raise ValueError("CrossModalFusion: needs text tokens, vision tokens or both")
+        ref = V if V is not None else Z
+        B = ref.shape[0]
         learned = self.queries.unsqueeze(0).expand(B, -1, -1).float()
-        q_mask = torch.ones(B, learned.shape[1], dtype=torch.bool, device=V.device)
+        q_mask = torch.ones(B, learned.shape[1], dtype=torch.bool, device=ref.device)
         if Z is not None and Z.shape[1] > 0:
-            tm = torch.ones(Z.shape[:2], dtype=torch.bool, device=V.device) if text_mask is None else text_mask.bool()
+            tm = torch.ones(Z.shape[:2], dtype=torch.bool, device=ref.device) if text_mask is None else text_mask.bool()
             Q, q_mask = torch.cat([learned, Z.float()], dim=1), torch.cat([q_mask, tm], dim=1)
         else:
             Q = learned
-        kv = self.ln_kv(V.float())
-        a = attention(split_heads(self.q_proj(Q), self.n_heads), split_heads(self.k_proj(kv), self.n_heads),
-                      split_heads(self.v_proj(kv), self.n_heads), None)
-        Fused = self.ln(Q + self.out_proj(merge_heads(a)))  # residual and LN in FP32
+        if V is None:
+            Fused = self.ln(Q)
+        else:
+            kv = self.ln_kv(V.float())
+            a = attention(split_heads(self.q_proj(Q), self.n_heads), split_heads(self.k_proj(kv), self.n_heads),
+                          split_heads(self.v_proj(kv), self.n_heads), None)
+            Fused = self.ln(Q + self.out_proj(merge_heads(a)))  # residual and LN in FP32
         if self.pooling == "mean":
             return masked_mean(Fused, q_mask)
         score = (Fused @ self.pool_vector.float()).masked_fill(~q_mask, torch.finfo(torch.float32).min)

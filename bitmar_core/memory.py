@@ -1,7 +1,7 @@
 """Episodic memory (paper §3.4, eq. 1–3): a K×C matrix read by content and written softly.
 
 Functional core (pure tensors, batched, differentiable — used in training):
-    read:  w_r = softmax(M q) ∈ R^K,  M_r = w_rᵀ M                       (eq. 2)
+    read:  w_r = softmax(τ M q) ∈ R^K,  M_r = w_rᵀ M                     (eq. 2; τ learned, ours)
     write: w_w = softmax(W_w q),      M ← M + α Σ_b w_w,b q_bᵀ           (eq. 1)
     L_mem = ||M_after − M_before||_F²                                      (eq. 3)
 Usage-based forgetting (the paper names it, without a formula; ours):
@@ -12,15 +12,17 @@ Every slot loses at least a fraction f0 per write, so with ||q|| ≤ Q a slot's 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from .config import BitMarConfig
 
 
-def read(M: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """M (K,C), q (B,C) → (M_r (B,C), w_r (B,K))."""
-    w_r = (q.float() @ M.float().T).softmax(dim=-1)
+def read(M: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """M (K,C), q (B,C) → (M_r (B,C), w_r (B,K)); w_r = softmax(scale · M q)."""
+    w_r = (scale * (q.float() @ M.float().T)).softmax(dim=-1)
     return w_r @ M.float(), w_r
 
 
@@ -48,6 +50,32 @@ def forget(M: torch.Tensor, usage: torch.Tensor, f0: float, f: float) -> torch.T
     return M * (1.0 - f0 - f * (1.0 - rel)).unsqueeze(-1)
 
 
+def recall_step(M: torch.Tensor, usage: torch.Tensor, q: torch.Tensor, w_w: torch.Tensor, alpha: float,
+                gamma: float, f0: float, f: float, mask: torch.Tensor | None = None,
+                scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One runtime write (read-before-write usage, eq. 1, forgetting) for B separate memories at
+    once: M (B,K,C), usage (B,K), q (B,C), w_w (B,K), mask (B,) — an item whose mask is false is
+    left as it is. Differentiable: the memory task trains through a sequence of these, exactly as
+    `EpisodicMemoryState.write_` runs them on the robot."""
+    q = q.float()
+    w_r = (scale * torch.einsum("bkc,bc->bk", M, q)).softmax(dim=-1)
+    M_new = M + alpha * w_w.float().unsqueeze(-1) * q.unsqueeze(1)
+    u_new = gamma * usage + w_w + w_r
+    rel = u_new / u_new.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    M_new = M_new * (1.0 - f0 - f * (1.0 - rel)).unsqueeze(-1)
+    if mask is None:
+        return M_new, u_new
+    m = mask.to(M.dtype)
+    return torch.lerp(M, M_new, m.view(-1, 1, 1)), torch.lerp(usage, u_new, m.view(-1, 1))
+
+
+def read_each(M: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | float = 1.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 for B separate memories: M (B,K,C), q (B,C) → (M_r (B,C), w_r (B,K))."""
+    w_r = (scale * torch.einsum("bkc,bc->bk", M.float(), q.float())).softmax(dim=-1)
+    return torch.einsum("bk,bkc->bc", w_r, M.float()), w_r
+
+
 class EpisodicMemory(nn.Module):
     """Learned initial memory M0 (K,C) and the learned write addressing W_w: C → K."""
 
@@ -59,18 +87,42 @@ class EpisodicMemory(nn.Module):
         self.M0 = nn.Parameter(torch.randn(config.memory_slots, config.memory_dim) * 0.02)
         # Full precision: addressing is a softmax over 512 slots, as sensitive as the attention softmax.
         self.write_proj = nn.Linear(config.memory_dim, config.memory_slots, bias=False)
+        # Ours: a learned read sharpness (log of the inverse temperature of eq. 2's softmax, as the
+        # key strength of NTM-style reads). With a fixed 1, a slot holding α·w·q of one episode
+        # stood out from M0 by ~0.1 logit and every read was a blur of all slots.
+        self.read_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    @property
+    def read_scale(self) -> torch.Tensor:
+        return self.read_log_scale.exp()
 
     def write_weights(self, q: torch.Tensor) -> torch.Tensor:
         return self.write_proj(q.float()).softmax(dim=-1)
 
     def read(self, M: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return read(M, q)
+        return read(M, q, self.read_scale)
+
+    def read_each(self, M: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return read_each(M, q, self.read_scale)
 
     def write(self, M: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (M_after, w_w)."""
         w_w = self.write_weights(q)
         return write(M, q, w_w, self.alpha, mask), w_w
+
+    def write_sequence(self, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """B memories, each starting at M0 and written episode by episode as on the robot:
+        q (B,E,C), mask (B,E) → M (B,K,C) after the E writes (masked episodes skipped)."""
+        B, E, _ = q.shape
+        M = self.M0.float().unsqueeze(0).expand(B, -1, -1)
+        usage = M.new_zeros(B, M.shape[1])
+        for e in range(E):
+            if not bool(mask[:, e].any()):
+                continue
+            M, usage = recall_step(M, usage, q[:, e], self.write_weights(q[:, e]), self.alpha, self.gamma,
+                                   self.f0, self.f, mask[:, e], self.read_scale)
+        return M
 
     def new_state(self) -> "EpisodicMemoryState":
         return EpisodicMemoryState(self)
@@ -98,7 +150,7 @@ class EpisodicMemoryState:
     def write_(self, q: torch.Tensor) -> torch.Tensor:
         """Write q (C,) or (B,C); returns w_w (B,K)."""
         q = q.reshape(-1, self.M.shape[1]).float()
-        _, w_r = read(self.M, q)
+        _, w_r = self.memory.read(self.M, q)
         M, w_w = self.memory.write(self.M, q)
         self.usage = update_usage(self.usage, w_w, w_r, self.memory.gamma)
         self.M = forget(M, self.usage, self.memory.f0, self.memory.f)
@@ -108,7 +160,7 @@ class EpisodicMemoryState:
     @torch.no_grad()
     def read(self, q: torch.Tensor, touch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """q (C,) or (B,C) → (M_r (B,C), w_r (B,K))."""
-        M_r, w_r = read(self.M, q.reshape(-1, self.M.shape[1]))
+        M_r, w_r = self.memory.read(self.M, q.reshape(-1, self.M.shape[1]))
         if touch:
             self.usage = self.usage + w_r.mean(dim=0)
         return M_r, w_r

@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .fast import FastDecoder
 from .generation import DecoderSession
 from .model import BitMar
-from .tokenizer import GPT2Tokenizer, default_tokenizer
+from .tokenizer import tokenizer_for
 
 
 class RuntimeError_(Exception):
@@ -51,12 +51,12 @@ def _unit(x: torch.Tensor) -> np.ndarray:
 
 class BitMarRuntime:
     def __init__(self, model: BitMar, backbone: torch.nn.Module, backbone_name: str, identity: str,
-                 tokenizer: GPT2Tokenizer | None = None, seed: int = 0) -> None:
+                 seed: int = 0) -> None:
         self.model = model.eval()
         self.backbone = backbone.eval()
         self.backbone_name = backbone_name
         self.identity = identity
-        self.tokenizer = tokenizer or default_tokenizer()
+        self.tokenizer = tokenizer_for(model)
         feat = getattr(backbone, "feature_dim", None)
         if feat is not None and feat != model.config.vision_feature_dim:
             raise RuntimeError_(f"backbone {backbone_name!r} gives {feat}-D features but the checkpoint's "
@@ -112,6 +112,7 @@ class BitMarRuntime:
         return FrameCode(V=V, q_scene=q_scene, scene=_unit(scene))
 
     def _text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # Words outside the model's vocabulary are dropped (VocabTokenizer); lexical search finds them.
         ids = self.tokenizer.encode(text)[: self.model.config.max_text_len] or [self.model.config.eos_id]
         t = torch.tensor([ids], dtype=torch.long)
         return t, torch.ones_like(t)
@@ -165,21 +166,24 @@ class BitMarRuntime:
             self._memory.reset()
 
     # ------------------------------------------------------------------ generation
-    def _cond(self, q: torch.Tensor) -> torch.Tensor:
-        M_r = self._memory.read(q)[0] if self.model.config.memory_enabled else torch.zeros_like(q)
+    def _cond(self, q: torch.Tensor, touch: bool = True) -> torch.Tensor:
+        """[q ; read(M, q)] on the robot's memory (a read counts as use unless touch=False)."""
+        M_r = self._memory.read(q, touch=touch)[0] if self.model.config.memory_enabled else torch.zeros_like(q)
         return self.model.condition(q, M_r)
 
     def describe(self, code: FrameCode, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, continue_session: bool = True) -> Iterator[tuple[int, str]]:
-        """Stream (token_id, text_delta) of a description of ``code``. With ``continue_session`` it
-        continues the one decoder session (attention sinks + window) that every description of this
-        runtime shares; without, the session starts afresh (for checkpoints trained on single texts)."""
+        """Stream (token_id, text_delta) of a description of ``code``: the scene's vision tokens
+        and [eos] enter the decoder stream, conditioned on [q_scene ; read(M, q_scene)]. With
+        ``continue_session`` it continues the one decoder session (attention sinks + window) that
+        every description of this runtime shares; without, the session starts afresh."""
         with self._lock:
             if not continue_session:
                 self._session.reset()
             cond = self._cond(code.q_scene)
-            it = self._session.stream(self._session.separator(self.model.config.eos_id), cond, max_new_tokens, temperature,
-                                      top_k or None, generator=self._generator)
+            prefix = self.model.vision_prefix(code.V) if self.model.config.vision_prefix else None
+            it = self._session.stream([self.model.config.eos_id], cond, max_new_tokens, temperature,
+                                      top_k or None, generator=self._generator, prefix=prefix)
         while True:
             with self._lock:
                 item = next(it, None)
@@ -192,18 +196,21 @@ class BitMarRuntime:
 
     @torch.no_grad()
     def answer(self, text: str | None, code: FrameCode | None, max_new_tokens: int = 32) -> str:
-        """Text generated from the memory read of a query (fresh decoder, greedy). Without an image
-        the query's text tokens attend over an all-zero vision token set."""
+        """What memory holds about a query ("where was the purple cross?"), as the recall task
+        trains it: q = fuse(query text, the image if any), the decoder conditioned on
+        [q ; read(M, q)] in a fresh stream, greedy. The answer comes from memory, not from a frame."""
+        if not text and code is None:
+            raise ValueError("answer needs text, an image, or both")
         with self._lock:
-            V = code.V if code is not None else torch.zeros(1, 1, self.embedding_dim)
+            V = code.V if code is not None else None
             if text:
                 ids, mask = self._text(text)
                 q = self.model.fuse(self.model.encode_text(ids, mask), mask, V)
             else:
                 q = self.model.fuse(None, None, V)
-            M_r = self._memory.read(q, touch=False)[0] if self.model.config.memory_enabled else torch.zeros_like(q)
-            cond = self.model.condition(q, M_r)
-            out = DecoderSession(self._session.model, self.tokenizer).generate([self.model.config.eos_id], cond, max_new_tokens)
+            cond = self._cond(q, touch=False)
+            out = DecoderSession(self._session.model, self.tokenizer).generate([self.model.config.eos_id], cond,
+                                                                               max_new_tokens)
         return self.tokenizer.decode(out)
 
     @property

@@ -101,3 +101,75 @@ class IncrementalDecoder:
         out = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return out
+
+
+class VocabTokenizer:
+    """GPT-2 BPE restricted to a model's token list (`BitMarConfig.vocab_subset`): id i here is
+    GPT-2 id token_ids[i]. Same interface as `GPT2Tokenizer`.
+
+    Encoding drops the GPT-2 tokens the model has no row for (a word it never saw can carry no
+    meaning to it; lexical search in the store finds such words instead); `unknown(text)` lists
+    what was dropped. Decoding can only meet listed ids, since the model's head has no others."""
+
+    def __init__(self, token_ids, base: GPT2Tokenizer | None = None):
+        self.base = base or default_tokenizer()
+        self.token_ids = [int(t) for t in token_ids]
+        if len(set(self.token_ids)) != len(self.token_ids):
+            raise ValueError("VocabTokenizer: token_ids repeat an id")
+        bad = [t for t in self.token_ids if not 0 <= t < self.base.vocab_size]
+        if bad:
+            raise ValueError(f"VocabTokenizer: GPT-2 ids {bad[:5]} outside [0, {self.base.vocab_size})")
+        self._local = {g: i for i, g in enumerate(self.token_ids)}
+        if self.base.eos_id not in self._local:
+            raise ValueError("VocabTokenizer: the token list must include <|endoftext|>")
+        self.vocab_size = len(self.token_ids)
+        self.eos_id = self._local[self.base.eos_id]
+
+    def encode(self, text: str) -> list[int]:
+        return [self._local[g] for g in self.base.encode(text) if g in self._local]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[self._local[g] for g in ids if g in self._local] for ids in self.base.encode_batch(texts)]
+
+    def unknown(self, text: str) -> list[str]:
+        """The pieces of `text` this vocabulary drops."""
+        return [self.base.decode([g]) for g in self.base.encode(text) if g not in self._local]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.base.decode([self.token_ids[int(i)] for i in ids])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if not 0 <= int(token_id) < self.vocab_size:
+            raise ValueError(f"VocabTokenizer: token id {token_id} outside [0, {self.vocab_size})")
+        return self.base.token_bytes(self.token_ids[int(token_id)])
+
+    def incremental_decoder(self) -> "IncrementalDecoder":
+        return IncrementalDecoder(self)
+
+
+def build_vocabulary(texts: Iterable[str], base: GPT2Tokenizer | None = None) -> list[int]:
+    """The GPT-2 ids a corpus uses, <|endoftext|> first, then ascending (a deterministic order)."""
+    base = base or default_tokenizer()
+    seen: set[int] = set()
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == 1024:
+            seen.update(g for ids in base.encode_batch(batch) for g in ids)
+            batch = []
+    if batch:
+        seen.update(g for ids in base.encode_batch(batch) for g in ids)
+    seen.discard(base.eos_id)
+    return [base.eos_id] + sorted(seen)
+
+
+def tokenizer_for(model) -> "GPT2Tokenizer | VocabTokenizer":
+    """The tokenizer whose ids `model` reads and writes."""
+    if getattr(model.config, "vocab_subset", False):
+        cached = getattr(model, "_tokenizer", None)
+        ids = model.token_ids.tolist()
+        if cached is None or cached.token_ids != ids:
+            cached = VocabTokenizer(ids)
+            model._tokenizer = cached
+        return cached
+    return default_tokenizer()

@@ -9,7 +9,9 @@
 // * Elementwise ops that are single IEEE operations (the absmax int8 quantiser, residual adds,
 //   the per-layer scale γ, cache writes) are plain loops: one correctly rounded op is the same
 //   everywhere. Compiled with -ffp-contract=off so that no a*b+c becomes an FMA.
-// * The 128 → 50,257 head stays packed (2 bits/weight, 1.6 MB) and is an integer dot product:
+// * Rotary positions: q and k are turned by the cos/sin the reference's RotaryTable gives for t,
+//   with its very products and sums; the sink keys are also kept unrotated (sink_raw).
+// * The 128 → vocab head stays packed (2 bits/weight) and is an integer dot product:
 //   D_i = Σ_j q_j T_ij is exact, and logits are (β/s)·γ·D_i. The reference's float sum is within
 //   (K+2)·2⁻²⁴·Σ|q_j| of exact (< 0.25 units of D at K = 128), so rows with a smaller D can never
 //   win its argmax; only an exact tie at the top (or, for very wide K, a near one) is settled by the
@@ -278,12 +280,12 @@ struct Layer {
 
 class Stepper {
  public:
-  Stepper(int64_t d_model, int64_t n_heads, int64_t vocab, int64_t max_positions, bool concat,
-          double quant_eps, at::Tensor wte, at::Tensor wpe, std::vector<std::vector<at::Tensor>> layer_tensors,
+  Stepper(int64_t d_model, int64_t n_heads, int64_t vocab, bool concat,
+          double quant_eps, at::Tensor wte, std::vector<std::vector<at::Tensor>> layer_tensors,
           std::vector<std::vector<double>> layer_scalars, at::Tensor lnf_w, at::Tensor lnf_b, double lnf_eps,
           at::Tensor head_packed, int64_t head_in, double head_beta, double head_gamma)
-      : d_(d_model), h_(n_heads), hd_(d_model / n_heads), vocab_(vocab), max_pos_(max_positions),
-        concat_(concat), eps_(static_cast<float>(quant_eps)), wte_(wte), wpe_(wpe), lnf_w_(lnf_w),
+      : d_(d_model), h_(n_heads), hd_(d_model / n_heads), vocab_(vocab),
+        concat_(concat), eps_(static_cast<float>(quant_eps)), wte_(wte), lnf_w_(lnf_w),
         lnf_b_(lnf_b), lnf_eps_(lnf_eps), packed_(head_packed), head_in_(head_in),
         beta_(static_cast<float>(head_beta)), gamma_(static_cast<float>(head_gamma)) {
     TORCH_CHECK(layer_tensors.size() == layer_scalars.size(), "bitmar_fast: layer lists differ in length");
@@ -343,11 +345,17 @@ class Stepper {
     cond_ = std::move(c);
   }
 
-  // The SinkKVCache tensors (k, v: (1,H,S+W,hd) FP32 contiguous; slot_pos: (S+W,) int64).
+  // The SinkKVCache tensors (k, v: (1,H,S+W,hd) FP32 contiguous; slot_pos: (S+W,) int64;
+  // sink_raw: (1,H,S,hd), the sink keys before rotation).
   void set_caches(std::vector<at::Tensor> k, std::vector<at::Tensor> v, std::vector<at::Tensor> slot_pos,
-                  int64_t sink, int64_t window) {
-    TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size() && slot_pos.size() == layers_.size(),
-                "bitmar_fast: one cache per layer expected");
+                  std::vector<at::Tensor> sink_raw, int64_t sink, int64_t window) {
+    TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size() && slot_pos.size() == layers_.size() &&
+                sink_raw.size() == layers_.size(), "bitmar_fast: one cache per layer expected");
+    for (size_t i = 0; i < sink_raw.size(); ++i)
+      TORCH_CHECK(sink_raw[i].is_contiguous() && sink_raw[i].dtype() == at::kFloat && sink_raw[i].dim() == 4 &&
+                  sink_raw[i].size(1) == h_ && sink_raw[i].size(2) == sink && sink_raw[i].size(3) == hd_,
+                  "bitmar_fast: sink_raw ", i, " is not a batch-1 FP32 contiguous (1,H,S,hd) tensor");
+    sink_raw_ = std::move(sink_raw);
     for (size_t i = 0; i < k.size(); ++i) {
       TORCH_CHECK(k[i].is_contiguous() && v[i].is_contiguous() && k[i].dtype() == at::kFloat &&
                   k[i].dim() == 4 && k[i].size(0) == 1 && k[i].size(1) == h_ && k[i].size(3) == hd_ &&
@@ -365,20 +373,23 @@ class Stepper {
     if (probs_buf_.numel() != h_ * (sink + window)) probs_buf_ = at::empty({h_ * (sink + window)}, at::kFloat);
   }
 
-  // Token `tok` at stream index t: writes every layer's cache slot, returns FP32 logits (vocab,).
-  at::Tensor step(int64_t tok, int64_t t) {
+  // Token `tok` at stream index t, with the rotary cos/sin of t ((hd/2,) FP32 each, from the
+  // reference's RotaryTable; the sinks' re-rotation is done in Python before this call): writes
+  // every layer's cache slot, returns FP32 logits (vocab,).
+  at::Tensor step(int64_t tok, int64_t t, const at::Tensor& cos, const at::Tensor& sin) {
     TORCH_CHECK(!k_.empty() && cond_.size() == layers_.size(), "bitmar_fast: set_caches/set_conditioning first");
     TORCH_CHECK(tok >= 0 && tok < vocab_, "bitmar_fast: token id ", tok, " outside [0, ", vocab_, ")");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dtype() == at::kFloat && sin.dtype() == at::kFloat &&
+                cos.numel() == hd_ / 2 && sin.numel() == hd_ / 2, "bitmar_fast: cos/sin must be (hd/2,) FP32");
     const int64_t cap = sink_ + window_;
     const int64_t slot = t < sink_ ? t : sink_ + (t - sink_) % window_;
     const int64_t n_valid = std::min(t + 1, cap);
     check_blas();
     float* px = x_.data_ptr<float>();
-    {
-      const float* pp = wpe_.data_ptr<float>() + std::min(t, max_pos_ - 1) * d_;
-      embed_row(tok, px);
-      for (int64_t j = 0; j < d_; ++j) px[j] = px[j] + pp[j];
-    }
+    embed_row(tok, px);
+    const float* pcos = cos.data_ptr<float>();
+    const float* psin = sin.data_ptr<float>();
+    const int64_t half = hd_ / 2;
     // att / probs: contiguous (H,1,n) views of the (H,1,S+W) buffers, as bmm would allocate them
     at::Tensor att = att_buf_.as_strided({h_, 1, n_valid}, {n_valid, n_valid, 1});
     at::Tensor probs = probs_buf_.as_strided({h_, 1, n_valid}, {n_valid, n_valid, 1});
@@ -397,7 +408,28 @@ class Stepper {
       // attention over the reference's views: q = split_heads(chunk(qkv)[0]), its sliced cache
       linear(at::layer_norm(x_, {d_}, L.ln1_w, L.ln1_b, L.ln1_eps).data_ptr<float>(), L.qkv, a_d_, qkv_);
       {
-        const float* pq = qkv_.data_ptr<float>();
+        float* pq = qkv_.data_ptr<float>();
+        if (t < sink_) {  // the sink's key before rotation, for its later re-rotation
+          float* pr = sink_raw_[i].data_ptr<float>();
+          for (int64_t hh = 0; hh < h_; ++hh)
+            std::memcpy(pr + (hh * sink_ + t) * hd_, pq + d_ + hh * hd_, hd_ * sizeof(float));
+        }
+        // rotate(x) = [x1·cos − x2·sin ; x2·cos + x1·sin] per head, for q and k: the reference's
+        // four products and two sums, each rounded once (no FMA: -ffp-contract=off)
+        for (int64_t part = 0; part < 2; ++part) {
+          for (int64_t hh = 0; hh < h_; ++hh) {
+            float* x = pq + part * d_ + hh * hd_;
+            for (int64_t j = 0; j < half; ++j) {
+              const float x1 = x[j], x2 = x[j + half];
+              const float a = x1 * pcos[j];
+              const float b = x2 * psin[j];
+              const float c = x2 * pcos[j];
+              const float e = x1 * psin[j];
+              x[j] = a - b;
+              x[j + half] = c + e;
+            }
+          }
+        }
         float* pk = k_[i].data_ptr<float>();
         float* pv = v_[i].data_ptr<float>();
         for (int64_t hh = 0; hh < h_; ++hh) {
@@ -615,10 +647,10 @@ class Stepper {
     return out.narrow(0, 0, vocab_);
   }
 
-  int64_t d_, h_, hd_, vocab_, max_pos_;
+  int64_t d_, h_, hd_, vocab_;
   bool concat_;
   float eps_;
-  at::Tensor wte_, wpe_;
+  at::Tensor wte_;
   std::vector<Layer> layers_;
   at::Tensor lnf_w_, lnf_b_;
   double lnf_eps_;
@@ -631,7 +663,7 @@ class Stepper {
   std::string kernel_;
   std::vector<int32_t> scores_;
   std::vector<int32_t> q4_;
-  std::vector<at::Tensor> cond_, k_, v_, slot_pos_;
+  std::vector<at::Tensor> cond_, k_, v_, slot_pos_, sink_raw_;
   int64_t sink_ = 0, window_ = 0;
   float att_scale_ = 0.0f;
   bool blas_ = false, blas_attention_ = false, blas_allowed_ = true;
@@ -656,7 +688,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "BitMar batch-1 decode step: ATen for order-sensitive ops, a packed 2-bit ternary head";
   m.def("quantize_row", &quantize_row);
   py::class_<Stepper>(m, "Stepper")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, bool, double, at::Tensor, at::Tensor,
+      .def(py::init<int64_t, int64_t, int64_t, bool, double, at::Tensor,
                     std::vector<std::vector<at::Tensor>>, std::vector<std::vector<double>>, at::Tensor,
                     at::Tensor, double, at::Tensor, int64_t, double, double>())
       .def("kernel", &Stepper::kernel)

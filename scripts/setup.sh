@@ -61,6 +61,17 @@ if [ ! -f "$cfg_stamp" ] || [ "$(cat "$cfg_stamp")" != "$cfg_want" ]; then
 fi
 cmake --build "$BUILD" -j2 >"$ROOT/build/build.log" 2>&1 || { tail -50 "$ROOT/build/build.log"; exit 1; }
 cmake --install "$BUILD" >"$ROOT/build/install.log" 2>&1 || { tail -50 "$ROOT/build/install.log"; exit 1; }
+# 4. The console scripts the README prints (bitmar-train, bitmar-eval, bitmar-extract-features): setup.py's
+# entry points, installed by pip beside the CMake copy of bitmar_core (the same files). Skipped while
+# setup.py and the package's file list are unchanged.
+cli_stamp="$VENV/.bitmar-cli.sha256"
+cli_want=$( (cat "$ROOT/setup.py"; cd "$ROOT" && find bitmar_core -name '*.py' | sort) | sha256sum | cut -d' ' -f1)
+if [ ! -f "$cli_stamp" ] || [ "$(cat "$cli_stamp")" != "$cli_want" ] || [ ! -x "$VENV/bin/bitmar-train" ]; then
+  log "installing the bitmar-train / bitmar-eval / bitmar-extract-features commands"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+    --no-index "$ROOT" >"$ROOT/build/cli_install.log" 2>&1 || { tail -30 "$ROOT/build/cli_install.log"; exit 1; }
+  echo "$cli_want" > "$cli_stamp"
+fi
 # --- fast decoder extension (bitmar_core/fast.py, csrc/bitmar_fast.cpp) ---------------------------
 # The C++ decode step, compiled against this venv's torch into $VENV/lib/bitmar_fast (~1 min the
 # first time, nothing while csrc/ and torch are unchanged). Without it FastDecoder uses its PyTorch step.

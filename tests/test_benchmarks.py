@@ -1,4 +1,5 @@
-"""Benchmark loaders parse each public format exactly; MC scoring matches a direct reference loop."""
+"""Benchmark loaders parse each public format exactly; MC scoring matches a direct reference loop in
+the text-only training layout ([eos]×S sinks, [eos], text; no conditioning)."""
 from pathlib import Path
 
 import pytest
@@ -108,13 +109,20 @@ def test_format_errors_name_the_row(tmp_path):
 
 # --------------------------------------------------------------------------- scoring
 
-def reference_logprob(model, tok, context: str, continuation: str, cond) -> float:
-    """Direct loop: for each continuation token, decode the whole unpadded prefix and read the
-    log-probability of the next token from the last position."""
-    prefix = [model.config.eos_id] + tok.encode(context)
+def lead(model) -> list[int]:
+    """What a text-only training item starts with (bitmar_core.data.streams): S sinks, then the
+    eos that opens the text."""
+    return [model.config.eos_id] * (model.config.sink_tokens + 1)
+
+
+def reference_logprob(model, tok, context: str, continuation: str) -> float:
+    """Direct loop: for each continuation token, decode the whole unpadded prefix (unconditioned,
+    as text-only items are trained) and read the log-probability of the next token from the last
+    position."""
+    prefix = lead(model) + tok.encode(context)
     total = 0.0
     for t in tok.encode(continuation):
-        logits = model.decode(torch.tensor([prefix]), cond)[0, -1]
+        logits = model.decode(torch.tensor([prefix]), None)[0, -1]
         total += float(logits.log_softmax(-1)[t])
         prefix.append(t)
     return total
@@ -123,13 +131,12 @@ def reference_logprob(model, tok, context: str, continuation: str, cond) -> floa
 @torch.no_grad()
 def test_scoring_matches_reference_loop_on_every_fixture():
     model, tok = tiny_model(), default_tokenizer()
-    cond = text_only_condition(model)
     for task, name in TASK_FILES.items():
         items = load_task(task, FIXTURES / name)
         result = score_items(model, tok, items)
         n_correct = n_correct_norm = 0
         for item, got in zip(items, result["items"]):
-            ref = [reference_logprob(model, tok, c, x, cond) for c, x in zip(item.contexts, item.continuations)]
+            ref = [reference_logprob(model, tok, c, x) for c, x in zip(item.contexts, item.continuations)]
             assert got["loglik"] == pytest.approx(ref, abs=1e-3), task
             pick = max(range(len(ref)), key=lambda i: ref[i])
             norm = [s / len(x.encode()) for s, x in zip(ref, item.continuations)]
@@ -143,12 +150,25 @@ def test_scoring_matches_reference_loop_on_every_fixture():
 
 
 @torch.no_grad()
-def test_text_only_condition_is_q_zero_and_mean_slot():
+def test_text_only_condition_is_zero():
     model = tiny_model()
-    cond = text_only_condition(model)
-    C = model.config.memory_dim
-    assert torch.equal(cond[0, :C], torch.zeros(C))
-    assert torch.allclose(cond[0, C:], model.memory.M0.mean(dim=0), atol=1e-6)  # softmax(M0·0) is uniform
+    assert torch.equal(text_only_condition(model), torch.zeros(1, 2 * model.config.memory_dim))
+
+
+@torch.no_grad()
+def test_scores_are_the_text_training_loss():
+    """A continuation's score is minus the loss the text-only training task puts on those tokens:
+    a batch in the layout of bitmar_core.data.streams, the context and closing eos not targeted."""
+    model, tok = tiny_model(), default_tokenizer()
+    context, cont = "The cat sat", " on the mat."
+    c_ids, x_ids = tok.encode(context), tok.encode(cont)
+    S, eos = model.config.sink_tokens, model.config.eos_id
+    ids = torch.tensor([[eos] * S + [eos] + c_ids + x_ids])
+    targets = torch.tensor([[-100] * (S + len(c_ids)) + x_ids + [-100]])
+    r = model._text({"text_ids": ids, "text_targets": targets, "text_pos": torch.arange(ids.shape[1])})
+    got = continuation_logprobs(model, tok, [context], [cont])[0]
+    assert int(r["n"]) == len(x_ids)
+    assert got == pytest.approx(-float(r["nll"]), abs=1e-4)
 
 
 @torch.no_grad()
@@ -157,14 +177,15 @@ def test_long_context_is_cut_from_the_left():
     context = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
     cont = " fifteen sixteen"
     c_ids, x_ids = tok.encode(context), tok.encode(cont)
-    assert 1 + len(c_ids) + len(x_ids) > 16
-    kept = c_ids[len(c_ids) - (16 - 1 - len(x_ids)):]
-    cond = text_only_condition(model)
-    got = continuation_logprobs(model, tok, [context], [cont], cond)[0]
-    prefix, ref = [model.config.eos_id] + kept, 0.0
+    n_lead = model.config.sink_tokens + 1
+    assert n_lead + len(c_ids) + len(x_ids) > 16
+    kept = c_ids[len(c_ids) - (16 - n_lead - len(x_ids)):]
+    got = continuation_logprobs(model, tok, [context], [cont])[0]
+    prefix, ref = lead(model) + kept, 0.0
     for t in x_ids:
-        ref += float(model.decode(torch.tensor([prefix]), cond)[0, -1].log_softmax(-1)[t])
+        ref += float(model.decode(torch.tensor([prefix]), None)[0, -1].log_softmax(-1)[t])
         prefix.append(t)
+    assert len(prefix) == 16
     assert got == pytest.approx(ref, abs=1e-4)
 
 

@@ -1,13 +1,21 @@
-"""safetensors checkpoints: exact FP32 reload, packed reload equals the quantised forward, clear errors."""
+"""safetensors checkpoints: exact FP32 reload, packed reload equals the quantised forward (a tied
+head and a vocabulary subset included), clear errors."""
 import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_config_dict
 
 from bitmar_core.checkpoint import (CheckpointError, load_checkpoint, load_memory_state, save_checkpoint,
                                     save_memory_state)
-from bitmar_core.quant import BitLinear, PackedBitLinear
+from bitmar_core.config import BitMarConfig
+from bitmar_core.fast import FastDecoder
+from bitmar_core.generation import DecoderSession
+from bitmar_core.model import BitMar
+from bitmar_core.quant import BitLinear, PackedBitLinear, unpack_ternary
+from bitmar_core.tokenizer import build_vocabulary, default_tokenizer, tokenizer_for
 
 
 def _outputs(model):
@@ -95,3 +103,63 @@ def test_memory_state_round_trip(tiny_model, tmp_path):
         small = tiny_model.memory.new_state()
         small.M = torch.zeros(4, 32)
         load_memory_state(small, path)
+
+
+def test_vocab_subset_token_ids_round_trip(tmp_path):
+    """A vocab_subset model's row → GPT-2 id list rides in the file (fp32 and packed), and the
+    reloaded model's tokenizer reads and writes the same rows."""
+    gpt2 = default_tokenizer()
+    texts = ["a red circle on the left", "two small blue squares at the top"]
+    vocab = build_vocabulary(texts)
+    torch.manual_seed(0)
+    model = BitMar(BitMarConfig(**tiny_config_dict(vocab_subset=True, vocab_size=len(vocab), eos_id=0))).eval()
+    with torch.no_grad():
+        model.token_ids.copy_(torch.tensor(vocab))
+    assert vocab[0] == gpt2.eos_id and vocab != [gpt2.eos_id] + list(range(1, len(vocab)))  # not the init's ids
+    ids = torch.tensor([[vocab.index(g) for g in gpt2.encode(texts[0])]])
+    grid = torch.randn(1, 12, 3, 3)
+    with torch.no_grad():
+        V = model.compress_vision(grid)
+        cond = model.recall_condition(model.fuse(None, None, V), model.memory.M0)
+        want = model.decode(ids, cond, prefix=model.vision_prefix(V))
+    for packed in (False, True):
+        loaded = load_checkpoint(save_checkpoint(model, tmp_path / f"v{packed}.safetensors", packed=packed))
+        assert loaded.token_ids.tolist() == vocab
+        tok = tokenizer_for(loaded)
+        assert tok.encode(texts[0]) == ids[0].tolist() and tok.eos_id == 0
+        assert tok.decode(ids[0].tolist()) == texts[0]
+        with torch.no_grad():
+            V2 = loaded.compress_vision(grid)
+            got = loaded.decode(ids, loaded.recall_condition(loaded.fuse(None, None, V2), loaded.memory.M0),
+                                prefix=loaded.vision_prefix(V2))
+        assert torch.equal(got, want), packed
+
+
+def test_tied_packed_model_prefix_decode(tmp_path):
+    """A tied model stores its embedding once, as the packed head; the reloaded file's embedding
+    rows are β·T of those codes, and its prefix decode (reference and FastDecoder) is the FP32
+    model's bit for bit."""
+    torch.manual_seed(0)
+    model = BitMar(BitMarConfig(**tiny_config_dict(tie_embeddings=True))).eval()
+    path = save_checkpoint(model, tmp_path / "tied.safetensors", packed=True)
+    tensors = load_file(str(path))
+    assert not any(k.startswith("wte") for k in tensors)  # stored once, as decoder.head
+    loaded = load_checkpoint(path)
+    ids = torch.tensor([[5, 9, 17, 40, 2]])
+    rows = unpack_ternary(tensors["decoder.head.weight_packed"], 32)[ids[0]].float() * tensors["decoder.head.weight_scale"]
+    with torch.no_grad():
+        assert torch.equal(loaded.wte(ids)[0], rows)
+        t, beta = model.decoder.head.quantized_weight()
+        assert torch.equal(rows, t[ids[0]] * beta)
+        outs = []
+        for m in (model, loaded):
+            V = m.compress_vision(torch.randn(1, 12, 3, 3, generator=torch.Generator().manual_seed(3)))
+            cond = m.recall_condition(m.fuse(None, None, V), m.memory.M0)
+            prefix = m.vision_prefix(V)
+            logits = m.decode(ids, cond, prefix=prefix)
+            ref = DecoderSession(m).generate([63], cond, 10, prefix=prefix, eos_id=-1)
+            fast = DecoderSession(FastDecoder(m)).generate([63], cond, 10, prefix=prefix, eos_id=-1)
+            outs.append((logits, ref, fast))
+    (l0, r0, f0), (l1, r1, f1) = outs
+    assert l1.shape == (1, 4 + 5, 64) and torch.equal(l0, l1)
+    assert r0 == r1 == f0 == f1 and len(r0) == 10

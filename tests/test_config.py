@@ -14,6 +14,8 @@ def test_defaults_are_the_papers():
     assert (c.max_text_len, c.vision_hidden, c.memory_slots, c.memory_dim, c.memory_alpha) == (256, 384, 512, 128, 0.2)
     assert (c.sink_tokens, c.window, c.max_positions) == (4, 1020, 1024)
     assert (c.lm_weight, c.cm_weight, c.mem_weight) == (1.0, 1.5, 0.1)
+    # ours, beyond the paper: vision prefix on, rotary positions, the full GPT-2 head
+    assert (c.vision_prefix, c.vision_grid_max, c.rope_base, c.vocab_subset) == (True, 16, 10000.0, False)
 
 
 def test_default_yaml_equals_dataclass_defaults():
@@ -22,7 +24,9 @@ def test_default_yaml_equals_dataclass_defaults():
 
 def test_yaml_round_trip(tmp_path):
     c = BitMarConfig(conditioning="concat", fusion_pooling="learned", backbone="dinov2_vitb14",
-                     vision_feature_dim=768, window=60, memory_forget_base=0.01)
+                     vision_feature_dim=768, window=60, memory_forget_base=0.01, vocab_subset=True,
+                     vocab_size=300, eos_id=0, vision_prefix=False, vision_grid_max=8, rope_base=500.0,
+                     tie_embeddings=True)
     c.to_yaml(tmp_path / "c.yaml")
     assert BitMarConfig.from_yaml(tmp_path / "c.yaml") == c
     assert BitMarConfig.from_dict(c.to_dict()) == c
@@ -39,6 +43,10 @@ def test_yaml_round_trip(tmp_path):
     ("eos_id", 50257, "[0, vocab_size"),
     ("write_fraction", -0.1, "[0, 1]"),
     ("backbone", "resnet", "one of"),
+    ("n_heads", 128, "even head width"),  # 128 / 128 = 1: no rotary pairs
+    ("rope_base", 1.0, "a number > 1"),
+    ("vision_grid_max", 0, "integer >= 1"),
+    ("position_offset_prob", 1.5, "[0, 1]"),
 ])
 def test_validation_names_field(field, value, expected):
     with pytest.raises(ValueError) as e:

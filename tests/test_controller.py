@@ -90,11 +90,11 @@ def test_freeze_sets_requires_grad_false_and_restores_after_1500_steps(tiny_mode
     assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == before
 
 
-def test_frozen_encoder_gets_no_gradient(tiny_model, tiny_batch):
+def test_frozen_encoder_gets_no_gradient(tiny_model, tiny_scene_batch):
     ctrl = AdaptiveController(ControllerConfig(actions=["freeze_vision"]), tiny_model)
     run(ctrl, range(1, expected_fire_step() + 1))
     tiny_model.train()
-    tiny_model(tiny_batch)["loss"].backward()
+    tiny_model(tiny_scene_batch)["loss"].backward()
     assert all(p.grad is None for p in ctrl.frozen_parameters())
     assert tiny_model.text_encoder.blocks[0].attn.qkv.weight.grad is not None
 

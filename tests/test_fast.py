@@ -1,6 +1,7 @@
 """FastDecoder equals the reference forward: same greedy tokens over long streams that wrap the sink
-window many times, the same KV caches bit for bit, logits to FP32 rounding (exactly on head ties);
-the packed head layout, the quantiser replica and the tie rule checked against formulas here."""
+window many times (rotary positions, sinks re-rotated past S+W−1), the same KV caches bit for bit,
+logits to FP32 rounding (exactly on head ties); the packed head layout, the quantiser replica and the
+tie rule checked against formulas here."""
 import pytest
 import torch
 
@@ -34,6 +35,10 @@ def _model(seed=0, packed=True, **overrides) -> BitMar:
     torch.manual_seed(seed)
     model = BitMar(BitMarConfig(**cfg)).eval()
     return pack_model(model) if packed else model
+
+
+def model_sinks(overrides: dict) -> int:
+    return overrides.get("sink_tokens", 4)
 
 
 def _unpack_layout(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -145,14 +150,14 @@ def _reference_run(seed: int, overrides: dict, prompt: list[int], n_new: int):
         model = _model(seed=seed, **overrides)
         ref = DecoderSession(model)
         tokens = ref.generate(prompt, None, n_new, eos_id=NO_EOS)
-        _REFERENCE_RUNS[key] = (tokens, ref.position, [(c.length, c.k.clone(), c.v.clone(), c.slot_pos.clone())
-                                                       for c in ref.caches])
+        _REFERENCE_RUNS[key] = (tokens, ref.position, [(c.length, c.k.clone(), c.v.clone(), c.slot_pos.clone(),
+                                                        c.sink_raw.clone()) for c in ref.caches])
     return _REFERENCE_RUNS[key]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("seed,overrides", [(0, {}), (1, {"tie_embeddings": True}),
+@pytest.mark.parametrize("seed,overrides", [(0, {}), (5, {"tie_embeddings": True}),
                                            (1, {"conditioning": "concat", "window": 30})],
                          ids=["untied", "tied", "concat"])
 def test_greedy_stream_equals_reference_over_many_window_wraps(backend, seed, overrides):
@@ -163,23 +168,27 @@ def test_greedy_stream_equals_reference_over_many_window_wraps(backend, seed, ov
     b = fd.generate(prompt, None, n, eos_id=NO_EOS)
     assert len(a) == n and len(set(a)) >= 5  # a stream that moves, 400 ≫ S + W
     assert b == a
-    assert fd.position == position == n + len(prompt)
-    for (length, k, v, slot_pos), cf in zip(caches, fd.caches):  # the whole state, bit for bit
+    assert fd.position == position == n + len(prompt) + model_sinks(overrides)
+    for (length, k, v, slot_pos, sink_raw), cf in zip(caches, fd.caches):  # the whole state, bit for bit
         assert cf.length == length
         assert torch.equal(cf.k, k) and torch.equal(cf.v, v) and torch.equal(cf.slot_pos, slot_pos)
+        assert torch.equal(cf.sink_raw, sink_raw)
 
 
 @pytest.mark.slow
 @needs_ext
 def test_deployed_window_over_its_whole_span():
-    """The node's own sizes (S + W = 1024): attention spans 1..1024 — ATen's naive loop below 13
-    keys, BLAS above — and then the wrapped ring; 1,100 tokens, the caches bit for bit."""
-    model = _model(seed=1, window=1020, tie_embeddings=True)
+    """The node's own sizes (S + W = 1024) and vocabulary kind (a subset head): attention spans
+    1..1024 — ATen's naive loop below 13 keys, BLAS above — then the wrapped ring twice over, past
+    position 2,047 where the sinks are re-rotated every step; the caches bit for bit."""
+    model = _model(seed=1, window=1020, tie_embeddings=True, vocab_subset=True, vocab_size=300, eos_id=0)
     cond = torch.randn(1, 256, generator=torch.Generator().manual_seed(8)) * 0.05
     ref, fd = DecoderSession(model), DecoderSession(FastDecoder(model, backend="ext"))
-    assert fd.generate([50256], cond, 1100, eos_id=NO_EOS) == ref.generate([50256], cond, 1100, eos_id=NO_EOS)
+    assert fd.generate([0], cond, 2200, eos_id=NO_EOS) == ref.generate([0], cond, 2200, eos_id=NO_EOS)
+    assert ref.caches[0].sink_shift > 0
     for cr, cf in zip(ref.caches, fd.caches):
-        assert torch.equal(cr.k, cf.k) and torch.equal(cr.v, cf.v)
+        assert torch.equal(cr.k, cf.k) and torch.equal(cr.v, cf.v) and torch.equal(cr.sink_raw, cf.sink_raw)
+        assert cr.sink_shift == cf.sink_shift
 
 
 @pytest.mark.slow
@@ -207,19 +216,22 @@ def test_logits_agree_at_every_step(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_session_across_prompts_and_cond_changes(backend):
-    """Prompts of 1..5 tokens (the reference layers prefill them), the pending token fed with the
-    next prompt, a new conditioning vector per call and one changed in place."""
+    """Segments of 1..5 prompt tokens and of vision-prefix embeddings (the reference layers prefill
+    them), the pending token fed before the next segment, a new conditioning vector per call and
+    one changed in place."""
     model = _model(seed=5, window=20)
     ref, fd = DecoderSession(model), DecoderSession(_fast(model, backend))
     g = torch.Generator().manual_seed(6)
     cond = torch.randn(1, 256, generator=g) * 0.1
-    for i, p in enumerate([[50256], [11, 12, 13], [50256, 5], [7], [1, 2, 3, 4, 5]]):
+    V = torch.randn(1, 4, 128, generator=g)
+    for i, p in enumerate([[50256], [11, 12, 13], [50256, 5], [7], [1, 2, 3, 4, 5], [50256]]):
         if i == 2:
             cond = torch.randn(1, 256, generator=g) * 0.1  # a new object
         if i == 3:
             cond.mul_(2.0)  # the same object, changed in place
         c = cond if i != 4 else None
-        assert fd.generate(p, c, 30, eos_id=NO_EOS) == ref.generate(p, c, 30, eos_id=NO_EOS)
+        prefix = model.vision_prefix(V) if i in (1, 5) else None
+        assert fd.generate(p, c, 30, prefix=prefix, eos_id=NO_EOS) == ref.generate(p, c, 30, prefix=prefix, eos_id=NO_EOS)
         assert fd.position == ref.position
     ref.reset(), fd.reset()
     assert fd.generate([50256], cond, 40, eos_id=NO_EOS) == ref.generate([50256], cond, 40, eos_id=NO_EOS)
@@ -266,8 +278,19 @@ def test_backend_choice_and_errors(monkeypatch):
         FastDecoder(model, backend="ext")
 
 
-def test_batch_and_parallel_forms_defer_to_the_reference():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parallel_form_matches_single_steps(backend):
+    """A batch without caches goes through the parallel forward; each of its rows must give what
+    the fast step gives when that row is fed one token at a time (two paths, one answer)."""
     model = _model(window=20)
-    fd = FastDecoder(model)
-    ids = torch.randint(0, 50257, (2, 5))
-    torch.testing.assert_close(fd.decode(ids, None, None), model.decode(ids, None, None)[:, -1:], rtol=0, atol=0)
+    fd = _fast(model, backend)
+    ids = torch.randint(0, 50257, (2, 30), generator=torch.Generator().manual_seed(9))  # 30 > S + W
+    cond = torch.randn(2, 256, generator=torch.Generator().manual_seed(10)) * 0.1
+    parallel = fd.decode(ids, cond, None)
+    assert parallel.shape == (2, 1, 50257)
+    for b in range(2):
+        caches = model.decoder.new_caches(1)
+        for t in range(ids.shape[1]):
+            step = fd.decode(ids[b:b + 1, t:t + 1], cond[b:b + 1], caches)
+        assert int(step.argmax()) == int(parallel[b].argmax())
+        torch.testing.assert_close(step[0], parallel[b], rtol=1e-4, atol=1e-4 * float(parallel[b].abs().max()))

@@ -1,4 +1,5 @@
 """CrossModalFusion against a reference cross-attention (SDPA), pooling modes, InfoNCE heads."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -68,3 +69,24 @@ def test_infonce_heads_are_unit_vectors_of_the_projected_means():
         mean1 = Z[1, :2].mean(0, keepdim=True)
         assert torch.allclose(t[1:], F.normalize(f.text_head(mean1), dim=-1), atol=1e-6)
         assert torch.allclose(v, F.normalize(f.vision_head(V.mean(1)), dim=-1), atol=1e-6)
+
+
+def test_text_alone_is_the_pooled_layer_norm_of_the_queries():
+    """V None (a memory cue): no cross-attention, q = pool(LN([learned queries ; Z]))."""
+    for pooling in ("mean", "learned"):
+        f, Z, V, mask, _ = _setup(pooling)
+        with torch.no_grad():
+            Q = torch.cat([f.queries.unsqueeze(0).expand(2, -1, -1), Z], dim=1)
+            Fq = F.layer_norm(Q, (32,), f.ln.weight, f.ln.bias, f.ln.eps)
+            m = torch.cat([torch.ones(2, 2), mask.float()], dim=1) > 0
+            ref = []
+            for b in range(2):
+                rows = Fq[b][m[b]]
+                w = torch.softmax(rows @ f.pool_vector, 0) if pooling == "learned" else torch.full((len(rows),), 1 / len(rows))
+                ref.append((w.unsqueeze(1) * rows).sum(0))
+            assert torch.allclose(f(Z, mask, None), torch.stack(ref), atol=1e-5)
+            assert not torch.allclose(f(Z, mask, None), f(Z, mask, V), atol=1e-3)
+    with pytest.raises(ValueError, match="needs text tokens, vision tokens or both"):
+        f(None, None, None)
+    with pytest.raises(ValueError, match="needs text tokens"):
+        f(Z[:, :0], mask[:, :0], None)

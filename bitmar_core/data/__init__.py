@@ -1,2 +1,3 @@
 """Training and evaluation data: procedural captioned scenes (`scenes`), the offline text corpus
-(`text`), and the paper's formats for real data with the mixed sampler and collate (`datasets`)."""
+(`text`), the paper's formats for real data (`datasets`) and the training streams built from them
+(`streams`)."""
