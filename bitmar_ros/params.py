@@ -34,9 +34,8 @@ PARAMS: tuple[Param, ...] = (
     Param("scene_change_threshold", 0.0, "also describe when 1 - cos(scene, last described scene) exceeds this "
           "(0 = off)", 0.0, 2.0, runtime=True),
     Param("max_new_tokens", 64, "longest description in tokens (test captions: median 30, p90 56)", 1, 256, runtime=True),
-    Param("continue_session", False, "carry the decoder's sink cache from description to description (the "
-          "paper's streaming mode); off by default: the bundled checkpoint was trained on single captions",
-          runtime=True),
+    Param("continue_session", True, "narrate in one continuing decoder stream (the paper's attention sinks + "
+          "window); off: a fresh stream for every description", runtime=True),
     Param("temperature", 0.0, "sampling temperature (0 = greedy)", 0.0, 5.0, runtime=True),
     Param("top_k", 0, "top-k sampling (0 = all tokens)", 0, 50257, runtime=True),
     Param("store_descriptions", False, "also store generated descriptions as episodes", runtime=True),
