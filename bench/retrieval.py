@@ -402,15 +402,11 @@ def targets_summary(m: dict[str, float]) -> list[str]:
     return out
 
 
-def write_section(section: Section, path: Path = REPO / "bench" / "RESULTS.md", command: str = "") -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others as they are."""
+def replace_section(title: str, block: str, path: Path = REPO / "bench" / "RESULTS.md") -> None:
+    """Put ``block`` (starting with ``### title``) in RESULTS.md in place of that section, or at its
+    end, leaving the other sections as they are."""
     text = path.read_text() if path.is_file() else "# Benchmark results\n\n## Tables\n"
-    info = machine()
-    block = (section.markdown() + "\n\n"
-             + f"- run: {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, `{command or 'python -m bench.retrieval'}`, "
-               f"{info['cpu']}, {info['cores']} cores, load average {info['load']} at the end\n"
-             + "\n".join(targets_summary(section.metrics)) + "\n")
-    head = f"### {SECTION_TITLE}"
+    head = f"### {title}"
     if head in text:
         start = text.index(head)
         nxt = text.find("\n### ", start + len(head))
@@ -418,6 +414,16 @@ def write_section(section: Section, path: Path = REPO / "bench" / "RESULTS.md", 
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
+
+
+def write_section(section: Section, path: Path = REPO / "bench" / "RESULTS.md", command: str = "") -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others as they are."""
+    info = machine()
+    block = (section.markdown() + "\n\n"
+             + f"- run: {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, `{command or 'python -m bench.retrieval'}`, "
+               f"{info['cpu']}, {info['cores']} cores, load average {info['load']} at the end\n"
+             + "\n".join(targets_summary(section.metrics)) + "\n")
+    replace_section(section.title, block, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,9 @@
 Sections: decode (1), positions (2), vision (3), memory (4), node (5, bench/node_e2e.py; needs the
 bundled checkpoint and ROS, skipped in --quick), footprint (6), retrieval (7, bench/retrieval.py; needs
 a checkpoint: recall of lexical / embedding / hybrid memory queries and their latency up to 100k episodes),
-train (8, bench/train_speed.py: training throughput of the default recipe beside the previous one).
+train (8, bench/train_speed.py: training throughput of the default recipe beside the previous one),
+answer_lag (9, bench/answer_lag.py; ROS, skipped in --quick: camera callback lag while memory-query
+answers are generated, the node before and after answers left its executor thread).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from .common import DEFAULT_CHECKPOINT, REPO, machine, packed_model
 
-SECTIONS = ("decode", "positions", "vision", "memory", "node", "footprint", "retrieval", "train")
+SECTIONS = ("decode", "positions", "vision", "memory", "node", "footprint", "retrieval", "train", "answer_lag")
 
 
 @dataclass
@@ -53,6 +55,16 @@ def retrieval_section(quick: bool, checkpoint: str):
     if not Path(checkpoint).is_file():
         return Raw(retrieval.SECTION_TITLE, f"Not run: no checkpoint at `{checkpoint}` (pass --checkpoint).", {})
     return retrieval.run(checkpoint, quick)
+
+
+def answer_lag_section(quick: bool, checkpoint: str):
+    from . import answer_lag
+
+    if quick:
+        return Raw(answer_lag.SECTION_TITLE, "Not run with --quick (`python -m bench.answer_lag` runs it alone).", {})
+    if not Path(checkpoint).is_file():
+        return Raw(answer_lag.SECTION_TITLE, f"Not run: no checkpoint at `{checkpoint}` (pass --checkpoint).", {})
+    return Raw(answer_lag.SECTION_TITLE, answer_lag.main_table(checkpoint).split("\n", 2)[2], {})
 
 
 def targets(sections: dict) -> list[str]:
@@ -127,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             sec = node_section(a.quick, a.checkpoint, a.node_seconds)
         elif name == "retrieval":
             sec = retrieval_section(a.quick, a.checkpoint)
+        elif name == "answer_lag":
+            sec = answer_lag_section(a.quick, a.checkpoint)
         elif name == "train":
             from .train_speed import train_speed
             sec = train_speed(a.quick)

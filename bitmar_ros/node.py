@@ -82,7 +82,7 @@ from std_srvs.srv import Trigger
 
 from bitmar_core.episodic import EpisodicError, EpisodicMemory
 from bitmar_core.runtime import BitMarRuntime, RuntimeError_
-from bitmar_core.store import EpisodeStore, StoreError, StoreWriteError
+from bitmar_core.store import EpisodeStore, StoreError
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode
