@@ -47,6 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -160,6 +161,7 @@ class Episode:
     source: str
     embedding: np.ndarray
     thumbnail_jpeg: bytes
+    robot_id: str = ""  # the robot that recorded it (fleet store); "" in a one-robot SQLite store
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,39 @@ class Hit:
         """Which rankings found it: "lexical", "embedding" or "lexical+embedding"."""
         return "+".join(name for name, rank in (("lexical", self.lexical_rank), ("embedding", self.embedding_rank))
                         if rank)
+
+
+class EpisodeStoreAPI(Protocol):
+    """What ``EpisodicMemory``, the node and the browser use of a store: ``EpisodeStore`` (SQLite, one
+    robot) and ``store_pg.PgEpisodeStore`` (PostgreSQL + pgvector, a fleet) both provide it.
+    ``robot_scope``: None or '' this robot, '*' the fleet, else one robot's name."""
+
+    embedding_dim: int
+    identity: str
+    robot_id: str
+    read_only: bool
+
+    @property
+    def where(self) -> str: ...
+    def add_episode(self, stamp_ns: int, caption: str, source: str, embedding: np.ndarray,
+                    thumbnail_jpeg: bytes = b"", memory_state: dict[str, np.ndarray] | None = None) -> int | None: ...
+    def put_memory_state(self, state: dict[str, np.ndarray]) -> None: ...
+    def memory_state(self) -> dict[str, np.ndarray] | None: ...
+    def clear(self) -> None: ...
+    def checkpoint(self) -> None: ...
+    def close(self) -> None: ...
+    def count(self) -> int: ...
+    def episode(self, episode_id: int) -> Episode: ...
+    def all_episodes(self) -> list[Episode]: ...
+    def episodes_by_time(self, limit: int, offset: int = 0, newest_first: bool = True,
+                         start_ns: int | None = None, end_ns: int | None = None) -> list[Episode]: ...
+    def query(self, embedding: np.ndarray, k: int, start_ns: int | None = None,
+              end_ns: int | None = None) -> list[tuple[Episode, float]]: ...
+    def lexical_search(self, text: str, limit: int, start_ns: int | None = None,
+                       end_ns: int | None = None) -> list[tuple[int, float]]: ...
+    def search(self, text: str | None = None, embedding: np.ndarray | None = None, k: int = 5,
+               start_ns: int | None = None, end_ns: int | None = None, robot_scope: str | None = None) -> list[Hit]: ...
+    def integrity_check(self) -> list[str]: ...
 
 
 def make_thumbnail(rgb: np.ndarray, max_side: int = 96, quality: int = 80) -> bytes:
@@ -238,6 +273,7 @@ class EpisodeStore:
     """Persistent episodes + episodic memory state; see the module docstring for the layout."""
 
     read_only = False  # True when opened by ``open_read_only``
+    robot_id = ""      # one robot per SQLite store; the fleet store (store_pg) names each episode's robot
 
     def __init__(self, conn: sqlite3.Connection, path: Path, embedding_dim: int, identity: str) -> None:
         """Use ``EpisodeStore.open``."""
@@ -761,7 +797,7 @@ class EpisodeStore:
         return [(int(i), float(sc)) for i, sc in found], 0
 
     def search(self, text: str | None = None, embedding: np.ndarray | None = None, k: int = 5,
-               start_ns: int | None = None, end_ns: int | None = None) -> list[Hit]:
+               start_ns: int | None = None, end_ns: int | None = None, robot_scope: str | None = None) -> list[Hit]:
         """Hybrid retrieval: the k best episodes for a text and/or a query embedding, best first.
 
         Two rankings within the same time window: ``lexical_search(text)`` and cosine similarity
@@ -770,7 +806,8 @@ class EpisodeStore:
         among the rest, the reciprocal-rank-fusion score decides (see ``RRF_K``); equal scores:
         higher cosine, then higher BM25, then newer. Either input may be missing (then its ranking
         is empty). An empty list means that no episode lies in the window or, without an
-        embedding, that no caption shares a word with the text.
+        embedding, that no caption shares a word with the text. ``robot_scope`` is the fleet
+        stores' (``store_pg``); a SQLite store holds one robot, so every scope searches it.
         """
         if text is not None and not isinstance(text, str):
             raise StoreInputError(f"text: expected a str or None, got {type(text).__name__}")
@@ -783,33 +820,16 @@ class EpisodeStore:
         with self._lock:
             lexical, every = self._lexical(text, depth, start_ns, end_ns) if text else ([], 0)
             emb_ids = self._embedding_ranking(q, depth, start_ns, end_ns)[0] if q is not None else []
-            fused: dict[int, float] = {}
-            lex_rank: dict[int, int] = {}
-            lex_score: dict[int, float] = {}
-            for position, (episode_id, score) in enumerate(lexical):
-                # Equal BM25 (e.g. the same caption stored twice) share a rank: the embedding decides.
-                same = position > 0 and score == lexical[position - 1][1]
-                lex_rank[episode_id] = lex_rank[lexical[position - 1][0]] if same else position + 1
-                lex_score[episode_id] = score
-                fused[episode_id] = 1.0 / (RRF_K + lex_rank[episode_id])
-            emb_rank = {int(i): r + 1 for r, i in enumerate(emb_ids)}
-            for episode_id, rank in emb_rank.items():
-                fused[episode_id] = fused.get(episode_id, 0.0) + 1.0 / (RRF_K + rank)
-            if not fused:
-                return []
-            every_word = {episode_id for episode_id, _ in lexical[:every]}
-            ids = np.fromiter(fused, np.int64, len(fused))
-            rows = np.searchsorted(self._index.ids[: self._index.n], ids)
-            cosine = self._index.unit[rows] @ q if q is not None else np.full(len(ids), np.nan, np.float32)
-            order = np.lexsort((-ids, -self._index.stamps[rows],
-                                -np.array([lex_score.get(int(i), 0.0) for i in ids]),
-                                -np.nan_to_num(cosine, nan=-2.0),
-                                -np.array([fused[int(i)] for i in ids]),
-                                -np.array([int(i) in every_word for i in ids], np.int8)))[:k]
-            episodes = self._fetch([int(ids[j]) for j in order])
-            return [Hit(episodes[int(ids[j])], fused[int(ids[j])], lex_score.get(int(ids[j]), 0.0),
-                        lex_rank.get(int(ids[j]), 0), float(cosine[j]), emb_rank.get(int(ids[j]), 0))
-                    for j in order]
+
+            def details(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                rows = np.searchsorted(self._index.ids[: self._index.n], ids)
+                cosine = self._index.unit[rows] @ q if q is not None else np.full(len(ids), np.nan, np.float32)
+                return self._index.stamps[rows], cosine
+
+            ranked = fuse_rankings(lexical, every, [int(i) for i in emb_ids], k, details)
+            episodes = self._fetch([r.id for r in ranked])
+            return [Hit(episodes[r.id], r.score, r.lexical_score, r.lexical_rank, r.embedding_score, r.embedding_rank)
+                    for r in ranked]
 
     def integrity_check(self) -> list[str]:
         """Problems found (empty list = healthy): SQLite integrity, schema, blobs, RAM index."""
@@ -955,19 +975,12 @@ class EpisodeStore:
         return np.frombuffer(blob, dtype=_F32_LE).astype(np.float32)
 
     def _check_embedding(self, name: str, embedding) -> tuple[np.ndarray, np.ndarray]:
-        """(little-endian float32 copy, unit-normalised float32) or StoreInputError."""
-        if not isinstance(embedding, np.ndarray) or embedding.dtype != np.float32:
-            raise StoreInputError(f"{name}: expected a float32 array of shape ({self.embedding_dim},), "
-                                  f"got {_describe(embedding)}")
-        if embedding.shape != (self.embedding_dim,):
-            raise StoreInputError(f"{name}: expected shape ({self.embedding_dim},), got {embedding.shape}")
-        if not np.isfinite(embedding).all():
-            raise StoreInputError(f"{name}: expected finite values, got NaN or inf")
-        norm = float(np.linalg.norm(embedding.astype(np.float64)))
-        if norm == 0.0:
-            raise StoreInputError(f"{name}: expected a non-zero vector (cosine similarity is undefined for 0)")
-        emb = embedding.astype(_F32_LE, copy=True)
-        return emb, (embedding.astype(np.float64) / norm).astype(np.float32)
+        return _check_embedding_array(name, embedding, self.embedding_dim)
+
+    @property
+    def where(self) -> str:
+        """The store's location, for messages."""
+        return str(self.path.parent)
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -981,9 +994,68 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
+def _check_embedding_array(name: str, embedding, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(little-endian float32 copy, unit-normalised float32) or StoreInputError."""
+    if not isinstance(embedding, np.ndarray) or embedding.dtype != np.float32:
+        raise StoreInputError(f"{name}: expected a float32 array of shape ({dim},), got {_describe(embedding)}")
+    if embedding.shape != (dim,):
+        raise StoreInputError(f"{name}: expected shape ({dim},), got {embedding.shape}")
+    if not np.isfinite(embedding).all():
+        raise StoreInputError(f"{name}: expected finite values, got NaN or inf")
+    norm = float(np.linalg.norm(embedding.astype(np.float64)))
+    if norm == 0.0:
+        raise StoreInputError(f"{name}: expected a non-zero vector (cosine similarity is undefined for 0)")
+    emb = embedding.astype(_F32_LE, copy=True)
+    return emb, (embedding.astype(np.float64) / norm).astype(np.float32)
+
+
 def fusion_depth(k: int) -> int:
     """How many of each ranking ``search`` fuses for a top-k (see ``RRF_K``)."""
     return 2 * int(k) + RRF_K
+
+
+@dataclass(frozen=True)
+class FusedRank:
+    """One episode's place in a fused ranking (the fields of ``Hit`` without the episode)."""
+
+    id: int
+    score: float
+    lexical_score: float
+    lexical_rank: int
+    embedding_score: float
+    embedding_rank: int
+
+
+def fuse_rankings(lexical: Sequence[tuple[int, float]], every: int, embedding_ids: Sequence[int], k: int,
+                  details) -> list[FusedRank]:
+    """The rule of ``search``, shared by every store backend: the first ``every`` lexical rows (captions
+    holding every word) first, then reciprocal rank fusion (``RRF_K``); ties: higher cosine, higher
+    BM25, newer stamp, larger id. ``lexical``: (id, score) best first; ``embedding_ids``: best first;
+    ``details(ids)`` → (stamps, cosines) of those ids (cosine NaN without a query embedding)."""
+    fused: dict[int, float] = {}
+    lex_rank: dict[int, int] = {}
+    lex_score: dict[int, float] = {}
+    for position, (episode_id, score) in enumerate(lexical):
+        # Equal BM25 (e.g. the same caption stored twice) share a rank: the embedding decides.
+        same = position > 0 and score == lexical[position - 1][1]
+        lex_rank[episode_id] = lex_rank[lexical[position - 1][0]] if same else position + 1
+        lex_score[episode_id] = score
+        fused[episode_id] = 1.0 / (RRF_K + lex_rank[episode_id])
+    emb_rank = {int(i): r + 1 for r, i in enumerate(embedding_ids)}
+    for episode_id, rank in emb_rank.items():
+        fused[episode_id] = fused.get(episode_id, 0.0) + 1.0 / (RRF_K + rank)
+    if not fused:
+        return []
+    every_word = {episode_id for episode_id, _ in lexical[:every]}
+    ids = np.fromiter(fused, np.int64, len(fused))
+    stamps, cosine = details(ids)
+    order = np.lexsort((-ids, -np.asarray(stamps, np.int64),
+                        -np.array([lex_score.get(int(i), 0.0) for i in ids]),
+                        -np.nan_to_num(np.asarray(cosine, np.float64), nan=-2.0),
+                        -np.array([fused[int(i)] for i in ids]),
+                        -np.array([int(i) in every_word for i in ids], np.int8)))[:k]
+    return [FusedRank(int(ids[j]), fused[int(ids[j])], lex_score.get(int(ids[j]), 0.0), lex_rank.get(int(ids[j]), 0),
+                      float(cosine[j]), emb_rank.get(int(ids[j]), 0)) for j in order]
 
 
 def _check_k(k) -> None:

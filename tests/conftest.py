@@ -117,3 +117,54 @@ def tiny_text_batch() -> dict:
     ids = _pad([[eos] * S + [eos] + t for t in TINY_TEXTS], eos)
     return {"text_ids": ids, "text_targets": _pad([[IGNORE] * S + t + [eos] for t in TINY_TEXTS], IGNORE),
             "text_pos": torch.arange(ids.shape[1])}
+
+
+# --------------------------------------------------------------------------- PostgreSQL (fleet store)
+class PgCluster:
+    """A real PostgreSQL 16 + pgvector server (the ``pgserver`` wheel) in a temp dir, an admin
+    connection, and a least-privilege login role (no superuser, no CREATEDB/CREATEROLE) that
+    owns each test database; the admin creates the ``vector`` extension in it."""
+
+    ROLE, PASSWORD = "bitmar_robot", "s3cret-pw"
+
+    def __init__(self, root) -> None:
+        import pgserver
+        self._pgserver = pgserver
+        self.root = root
+        self.server = pgserver.get_server(root, cleanup_mode="stop")
+        self._n = 0
+        self.admin(f"CREATE ROLE {self.ROLE} LOGIN PASSWORD '{self.PASSWORD}' NOSUPERUSER NOCREATEDB NOCREATEROLE")
+
+    @property
+    def socket_dir(self) -> str:
+        return str(self.server.get_postmaster_info().socket_dir)
+
+    def admin(self, sql: str, dbname: str = "postgres") -> None:
+        import psycopg
+        with psycopg.connect(f"host={self.socket_dir} user=postgres dbname={dbname}", autocommit=True) as conn:
+            conn.execute(sql)
+
+    def new_database(self) -> str:
+        """A fresh database owned by the role, with pgvector; returns the role's DSN (password in it)."""
+        self._n += 1
+        name = f"bitmar_t{self._n}"
+        self.admin(f"CREATE DATABASE {name} OWNER {self.ROLE}")
+        self.admin("CREATE EXTENSION vector", dbname=name)
+        return f"postgresql://{self.ROLE}:{self.PASSWORD}@/{name}?host={self.socket_dir}"
+
+    def stop(self) -> None:
+        from pgserver._commands import pg_ctl
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
+
+    def start(self) -> None:
+        self.server.ensure_postgres_running()
+
+    def close(self) -> None:
+        self.server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory):
+    cluster = PgCluster(tmp_path_factory.mktemp("pg"))
+    yield cluster
+    cluster.close()

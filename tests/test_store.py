@@ -62,8 +62,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """The same tests on both backends: SQLite in a temp dir, and a fresh database of a real
+    PostgreSQL + pgvector server (tests/conftest.py: pg_cluster) opened by a least-privilege role."""
+    if request.param == "sqlite":
+        s = EpisodeStore.open(tmp_path / "mem", DIM, IDENTITY)
+    else:
+        from bitmar_core.store_pg import PgEpisodeStore
+        s = PgEpisodeStore.open(request.getfixturevalue("pg_cluster").new_database(), DIM, IDENTITY, "robot_a")
+    yield s
+    s.close()
+
+
 @pytest.fixture
-def store(tmp_path):
+def sqlite_store(tmp_path):
+    """Tests of SQLite internals (its file, its FTS5 index, its connection)."""
     s = EpisodeStore.open(tmp_path / "mem", DIM, IDENTITY)
     yield s
     s.close()
@@ -347,7 +361,8 @@ def test_bad_embedding_blob_in_store_is_reported(tmp_path):
     assert _sha256(db) == digest
 
 
-def test_integrity_check_reports_problems(store):
+def test_integrity_check_reports_problems(sqlite_store):
+    store = sqlite_store
     _fill(store, 3)
     store.put_memory_state(_state())
     assert store.integrity_check() == []
@@ -452,7 +467,8 @@ def test_injected_failure_rolls_back_episode_and_memory_together(tmp_path, trigg
         assert s.count() == 3 and int(s.memory_state()["n_writes"]) == 3
 
 
-def test_injected_failure_in_clear_keeps_everything(store):
+def test_injected_failure_in_clear_keeps_everything(sqlite_store):
+    store = sqlite_store
     _fill(store, 3)
     store.put_memory_state(_state())
     real = store._conn
@@ -783,7 +799,8 @@ def test_full_text_index_follows_rollback_and_clear(tmp_path):
     s.close()
 
 
-def test_integrity_check_reports_a_stale_full_text_index(store):
+def test_integrity_check_reports_a_stale_full_text_index(sqlite_store):
+    store = sqlite_store
     ids = [e[0] for e in _fill(store, 3)]
     store._conn.execute("DELETE FROM episodes_fts WHERE rowid = ?", (ids[0],))
     store._conn.execute("UPDATE episodes_fts SET canon = 'something else' WHERE rowid = ?", (ids[1],))
