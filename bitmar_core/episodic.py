@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .runtime import BitMarRuntime, FrameCode, RuntimeError_
-from .store import EpisodeStore, Hit, StoreError, make_thumbnail
+from .store import EpisodeStore, EpisodeStoreAPI, Hit, StoreError, make_thumbnail
 
 # Words the caption grammar (bitmar_core/data/scenes.py: its wording and `parse_caption`) uses for
 # the same attribute. The store's full-text index treats each group as one word (a query for one
@@ -64,7 +64,7 @@ class EpisodicMemory:
     themselves), so a query never waits for an episode to be encoded.
     """
 
-    def __init__(self, runtime: BitMarRuntime, store: EpisodeStore) -> None:
+    def __init__(self, runtime: BitMarRuntime, store: EpisodeStoreAPI) -> None:
         if store.embedding_dim != runtime.embedding_dim:
             raise EpisodicError(f"store holds {store.embedding_dim}-D embeddings, the model makes "
                                 f"{runtime.embedding_dim}-D ones")
@@ -75,12 +75,13 @@ class EpisodicMemory:
     @classmethod
     def open(cls, checkpoint: str | Path, store_dir: str | Path, *, backbone: str | None = None,
              dinov2_weights_dir: str | None = None, num_threads: int = 1, seed: int = 0,
-             create: bool = True) -> "EpisodicMemory":
+             create: bool = True, store_dsn: str = "", robot_id: str = "") -> "EpisodicMemory":
         """Load the model, open (or create) its store, and restore the stored memory state.
         Raises ``RuntimeError_`` (checkpoint), ``StoreError`` (store) or ``EpisodicError`` (state)."""
         runtime = BitMarRuntime.from_checkpoint(checkpoint, backbone=backbone, dinov2_weights_dir=dinov2_weights_dir,
                                                 num_threads=num_threads, seed=seed)
-        memory = cls(runtime, cls.open_store(runtime, store_dir, create=create))
+        memory = cls(runtime, cls.open_store(runtime, store_dir, create=create, store_dsn=store_dsn,
+                                             robot_id=robot_id))
         try:
             memory.restore()
         except BaseException:
@@ -89,8 +90,15 @@ class EpisodicMemory:
         return memory
 
     @staticmethod
-    def open_store(runtime: BitMarRuntime, store_dir: str | Path, create: bool = True) -> EpisodeStore:
-        """The store of ``runtime``'s model under ``store_dir``, searched with the caption synonyms."""
+    def open_store(runtime: BitMarRuntime, store_dir: str | Path, create: bool = True, store_dsn: str = "",
+                   robot_id: str = "") -> EpisodeStoreAPI:
+        """The store of ``runtime``'s model, searched with the caption synonyms: SQLite under
+        ``store_dir`` when ``store_dsn`` is empty, else the fleet's PostgreSQL database at that DSN,
+        writing as ``robot_id``."""
+        if store_dsn:
+            from .store_pg import PgEpisodeStore  # psycopg only where a fleet uses it
+            return PgEpisodeStore.open(store_dsn, embedding_dim=runtime.embedding_dim, identity=runtime.identity,
+                                       robot_id=robot_id or "robot", create=create, synonyms=CAPTION_SYNONYM_GROUPS)
         return EpisodeStore.open(store_dir, embedding_dim=runtime.embedding_dim, identity=runtime.identity,
                                  create=create, synonyms=CAPTION_SYNONYM_GROUPS)
 
@@ -103,25 +111,29 @@ class EpisodicMemory:
             try:
                 state = self.store.memory_state()
             except StoreError as exc:
-                raise EpisodicError(f"memory state in '{self.store.path.parent}' is unreadable: {exc}") from exc
+                raise EpisodicError(f"memory state in '{self.store.where}' is unreadable: {exc}") from exc
             if state is None:
                 return False
             # NaN/inf in M would poison every later read and description without any error.
             bad = sorted(k for k, v in state.items() if v.dtype.kind == "f" and not np.isfinite(v).all())
             if bad:
-                raise EpisodicError(f"memory state in '{self.store.path.parent}' holds non-finite values in {bad} "
+                raise EpisodicError(f"memory state in '{self.store.where}' holds non-finite values in {bad} "
                                     "(expected finite numbers)")
             try:
                 self.runtime.load_memory_state(state)
             except (RuntimeError_, ValueError) as exc:
-                raise EpisodicError(f"memory state in '{self.store.path.parent}' does not fit the model: {exc}") from exc
+                raise EpisodicError(f"memory state in '{self.store.where}' does not fit the model: {exc}") from exc
             return True
 
     def record(self, caption: str, stamp_ns: int, *, rgb: np.ndarray | None = None, code: FrameCode | None = None,
-               source: str = "caption", thumbnail_rgb: np.ndarray | None = None, thumbnail_size: int = 96) -> int:
+               source: str = "caption", thumbnail_rgb: np.ndarray | None = None, thumbnail_size: int = 96,
+               token: object = None) -> int | None:
         """Write one frame–caption episode into the model's memory and commit it to the store,
         together: if the commit fails, the memory write is undone and the error raised (a
-        ``StoreError``), so memory and store never disagree. Returns the episode id.
+        ``StoreError``), so memory and store never disagree. Returns the episode id once committed;
+        None when a fleet store buffered it while its database is unreachable (then the store's
+        ``on_commit(id, token)`` reports the commit; the memory write stands, as the buffered state
+        holds it).
 
         ``code`` is the frame already through the vision path (else ``rgb`` is encoded);
         the thumbnail is made from ``thumbnail_rgb`` (default: ``rgb``; none without either)."""
@@ -136,9 +148,10 @@ class EpisodicMemory:
             before = self.runtime.memory_state()
             self.runtime.write_memory(episode.q)
             try:
+                extra = {"token": token} if token is not None else {}
                 return self.store.add_episode(stamp_ns=stamp_ns, caption=caption, source=source,
                                               embedding=episode.embedding, thumbnail_jpeg=thumbnail,
-                                              memory_state=self.runtime.memory_state())
+                                              memory_state=self.runtime.memory_state(), **extra)
             except BaseException:
                 self.runtime.load_memory_state(before)  # RAM must not hold a write the store does not
                 raise
@@ -176,7 +189,8 @@ class EpisodicMemory:
         return self.store.count()
 
     def query(self, text: str | None = None, image: np.ndarray | None = None, *, code: FrameCode | None = None,
-              k: int = 5, start_ns: int | None = None, end_ns: int | None = None) -> QueryResult:
+              k: int = 5, start_ns: int | None = None, end_ns: int | None = None,
+              robot_scope: str | None = None) -> QueryResult:
         """The k episodes that best match a text and/or an image (RGB uint8, or its ``code``),
         within an optional time window: BM25 over the captions fused with the model's embedding
         ranking (``EpisodeStore.search``). No episode in the window is a result, not an error."""
@@ -187,8 +201,8 @@ class EpisodicMemory:
         if text is None and code is None:
             raise EpisodicError("query: expected text, an image, or both")
         embedding = self.runtime.embed_query(text, code)
-        hits = self.store.search(text, embedding, k=k, start_ns=start_ns, end_ns=end_ns)
-        total = self.store.count()
+        hits = self.store.search(text, embedding, k=k, start_ns=start_ns, end_ns=end_ns, robot_scope=robot_scope)
+        total = self.store.count(robot_scope) if robot_scope else self.store.count()
         ms = 1e3 * (time.perf_counter() - t0)
         if hits:
             lexical = sum(1 for h in hits if h.lexical_rank)
@@ -201,7 +215,7 @@ class EpisodicMemory:
 
     def answer(self, text: str | None = None, image: np.ndarray | None = None, *, code: FrameCode | None = None,
                k: int = 3, start_ns: int | None = None, end_ns: int | None = None,
-               max_new_tokens: int = 32) -> Answer:
+               max_new_tokens: int = 32, robot_scope: str | None = None) -> Answer:
         """Text the model generates for the query from its memory read, with the episodes it is
         given with.
 
@@ -212,6 +226,6 @@ class EpisodicMemory:
         the model's read covers the whole memory."""
         if image is not None and code is None:
             code = self.runtime.embed_frame(image)
-        result = self.query(text, code=code, k=k, start_ns=start_ns, end_ns=end_ns)
+        result = self.query(text, code=code, k=k, start_ns=start_ns, end_ns=end_ns, robot_scope=robot_scope)
         generated = self.runtime.answer(text or None, code, max_new_tokens=max_new_tokens)
         return Answer(generated, result.hits, result.message)
