@@ -369,6 +369,9 @@ def report(results, lat, n_small: int, n_large: int, checkpoint: str, identity: 
         "each timed once per variant in rotating order; before = the query path before this change (query "
         "embedding + brute-force cosine + fetch, as the node ran it), after = `EpisodicMemory.query` (embedding "
         "+ FTS5 + fusion + fetch); the real episodes above cycled to fill each size; stores on tmpfs",
+        "where the lexical part's time goes: FTS5's bm25 counts the captions holding each query word on every "
+        "query, reading that word's whole posting list; the caption grammar has ~60 content words, so each is "
+        "held by a large share of the episodes and the lists grow with the store",
     ]
     return Section(SECTION_TITLE, [recall, lt], notes, metrics)
 
