@@ -163,12 +163,14 @@ def table(results: list[tuple[str, dict, dict]], rev: str) -> str:
 def main_table(checkpoint: str, seconds: float = 12.0, rev: str = BEFORE_REV) -> str:
     """Both nodes, both models: the section's markdown."""
     old = _old_node_tree(rev)
+    random_ckpt = random_checkpoint()
     results = []
     try:
-        for model, ckpt in ((Path(checkpoint).name, checkpoint), ("random init (256-token answers)", random_checkpoint())):
+        for model, ckpt in ((Path(checkpoint).name, checkpoint), ("random init (256-token answers)", random_ckpt)):
             results.append((model, measure(ckpt, seconds, [str(old), str(REPO)]), measure(ckpt, seconds, [str(REPO)])))
     finally:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(Path(random_ckpt).parent, ignore_errors=True)
     return table(results, rev)
 
 

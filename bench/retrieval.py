@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -112,6 +113,12 @@ def embed_filler(runtime, n: int, cache_dir: Path | None) -> tuple[list[str], np
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, captions=np.array(captions), embeddings=embs)
     return captions, embs
+
+
+def _drop(store) -> None:
+    """Close a benchmark store and delete its directory (tmpfs is RAM)."""
+    store.close()
+    shutil.rmtree(store.path.parent, ignore_errors=True)
 
 
 def _store_dir() -> Path:
@@ -234,7 +241,7 @@ def latency(runtime, captions: list[str], embeddings: np.ndarray, sizes: list[in
             for f in variants[r % 3:] + variants[:r % 3]:
                 f(q)
         out[size] = times
-        store.close()
+        _drop(store)
     return out
 
 
@@ -274,7 +281,7 @@ def run(checkpoint: str, quick: bool = False, cache_dir: Path | None = REPO / ".
         stamps = {t.index: (i + 1) * 1_000_000_000 for i, t in enumerate(targets)}
         results[n_targets] = evaluate(runtime, small, dict(enumerate(small_ids)), stamps, targets)
         _check_product_path(runtime, small, targets)
-        small.close()
+        _drop(small)
 
         # The large store: targets at random places in time among the filler.
         order = np.random.default_rng(0).permutation(n_large)
@@ -290,7 +297,7 @@ def run(checkpoint: str, quick: bool = False, cache_dir: Path | None = REPO / ".
         large, large_ids = build_store(runtime, caps, embs)
         results[n_large] = evaluate(runtime, large, {j: large_ids[p] for j, p in slot_of_target.items()},
                                     {j: (p + 1) * 1_000_000_000 for j, p in slot_of_target.items()}, targets)
-        large.close()
+        _drop(large)
         print(f"  recall measured ({time.time() - t_start:.0f} s)", flush=True)
 
         all_caps = [t.caption for t in targets] + filler_caps
