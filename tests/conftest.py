@@ -1,4 +1,6 @@
 """Shared fixtures: a tiny BitMar (d=32, vocab 64, S=2, W=6) so every test runs in milliseconds."""
+import os
+
 import pytest
 import torch
 
@@ -164,7 +166,14 @@ class PgCluster:
 
 
 @pytest.fixture(scope="session")
-def pg_cluster(tmp_path_factory):
-    cluster = PgCluster(tmp_path_factory.mktemp("pg"))
+def pg_cluster():
+    import shutil
+    import tempfile
+    # Not under pytest's 0700 tmp dirs: run as root, pgserver runs PostgreSQL as its own user,
+    # which must reach the data directory (pg_ctl stop/start in the restart tests).
+    root = tempfile.mkdtemp(prefix="bitmar-pg-")
+    os.chmod(root, 0o755)
+    cluster = PgCluster(os.path.join(root, "data"))
     yield cluster
     cluster.close()
+    shutil.rmtree(root, ignore_errors=True)
