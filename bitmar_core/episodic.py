@@ -148,7 +148,8 @@ class EpisodicMemory:
             before = self.runtime.memory_state()
             self.runtime.write_memory(episode.q)
             try:
-                extra = {"token": token} if token is not None else {}
+                # Only a store that can buffer (the fleet store) takes a token to hand back on commit.
+                extra = {"token": token} if hasattr(self.store, "on_commit") else {}
                 return self.store.add_episode(stamp_ns=stamp_ns, caption=caption, source=source,
                                               embedding=episode.embedding, thumbnail_jpeg=thumbnail,
                                               memory_state=self.runtime.memory_state(), **extra)

@@ -82,7 +82,7 @@ from std_srvs.srv import Trigger
 
 from bitmar_core.episodic import EpisodicError, EpisodicMemory
 from bitmar_core.runtime import BitMarRuntime, RuntimeError_
-from bitmar_core.store import EpisodeStore, StoreError
+from bitmar_core.store import EpisodeStore, EpisodeStoreAPI, StoreError
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode
@@ -359,7 +359,7 @@ class BitMarNode(Node):
         self._worker.start()
         self._log.info(
             f"ready: checkpoint={self._checkpoint} backbone={self._runtime.backbone_name} "
-            f"store={self._store_dir} episodes={self._store.count()}")
+            f"store={self._store.where} episodes={self._store.count()}")
 
     # ------------------------------------------------------------------ start-up
     def _declare_parameters(self) -> dict:
@@ -400,13 +400,21 @@ class BitMarNode(Node):
         except (RuntimeError_, OSError, ValueError) as exc:
             raise StartupError(f"cannot load checkpoint '{self._checkpoint}': {exc}") from exc
 
-    def _open_store(self) -> EpisodeStore:
+    def _open_store(self) -> EpisodeStoreAPI:
         self._store_dir = os.path.expanduser(self._cfg["store_dir"])
+        dsn = self._cfg["store_dsn"]  # set: the fleet's PostgreSQL store (bitmar_core/store_pg.py)
+        robot_id = self._cfg["robot_id"] or self.get_fully_qualified_name()
+        if dsn:
+            from bitmar_core.store_pg import mask_dsn
+        where = mask_dsn(dsn) if dsn else self._store_dir  # never the password
         try:
-            return EpisodicMemory.open_store(self._runtime, self._store_dir)
+            store = EpisodicMemory.open_store(self._runtime, self._store_dir, store_dsn=dsn, robot_id=robot_id)
         except StoreError as exc:
-            raise StartupError(f"cannot open episodic store '{self._store_dir}': {exc} "
+            raise StartupError(f"cannot open episodic store '{where}': {exc} "
                                "(the store was left untouched)") from exc
+        if dsn:  # episodes buffered while the database is unreachable are published once committed
+            store.on_commit = self._on_buffered_commit
+        return store
 
     def _restore_memory(self) -> None:
         try:
@@ -650,7 +658,8 @@ class BitMarNode(Node):
         t0 = time.monotonic()
         try:  # memory write and store commit together; a failed commit undoes the write
             ep_id = self._memory.record(caption, frame.stamp_ns, rgb=frame.rgb, code=code, source=source,
-                                        thumbnail_rgb=frame.thumbnail, thumbnail_size=self._cfg["thumbnail_size"])
+                                        thumbnail_rgb=frame.thumbnail, thumbnail_size=self._cfg["thumbnail_size"],
+                                        token=(caption, source, frame.header))
         except StoreError as exc:
             self._counters["store_errors"] += 1
             self._log.error(f"episode not stored ({exc}); memory and store unchanged")
@@ -659,13 +668,24 @@ class BitMarNode(Node):
         self._lat_episode.add(time.monotonic() - t0)
         if received_ns:
             self._lat_caption.add((time.time_ns() - received_ns) / 1e9)  # waiting in the queue included
+        if ep_id is None:  # a fleet store's database is unreachable: buffered, acknowledged once committed
+            self._counters["episodes_buffered"] += 1
+            return
+        self._publish_episode(ep_id, caption, source, frame.header)
+
+    def _publish_episode(self, ep_id: int, caption: str, source: str, header) -> None:
         # The acknowledgement line is what the reliability tests hold the store to.
         self._log.info(f"episode {ep_id} committed [{source}]: {caption[:80]!r}")
-        msg = Episode(id=ep_id, caption=caption, source=source, score=1.0)
-        msg.stamp = frame.header.stamp
-        msg.thumbnail.header = frame.header
+        msg = Episode(id=ep_id, caption=caption, source=source, score=1.0, robot_id=self._store.robot_id)
+        msg.stamp = header.stamp
+        msg.thumbnail.header = header
         msg.thumbnail.format = "jpeg"
         self._episode_pub.publish(msg)
+
+    def _on_buffered_commit(self, ep_id: int, token) -> None:
+        """A buffered episode reached the fleet database (the store's flush thread calls this)."""
+        caption, source, header = token
+        self._publish_episode(ep_id, caption, source, header)
 
     def _describe_if_changed(self, frame: Frame) -> None:
         code = self._runtime.embed_frame(frame.rgb)
@@ -740,7 +760,8 @@ class BitMarNode(Node):
                 resp.success, resp.message = False, f"query image: {clip(str(exc), MAX_REASON_BYTES)}"
                 return resp
         code = self._runtime.embed_frame(image) if image is not None else None
-        window = dict(k=int(req.k), start_ns=_stamp_ns(req.start) or None, end_ns=_stamp_ns(req.end) or None)
+        window = dict(k=int(req.k), start_ns=_stamp_ns(req.start) or None, end_ns=_stamp_ns(req.end) or None,
+                      robot_scope=req.robot_scope or None)
         try:
             if req.generate_answer:
                 answer = self._memory.answer(req.text or None, code=code, max_new_tokens=self._cfg["answer_max_new_tokens"],
@@ -756,7 +777,8 @@ class BitMarNode(Node):
         for h in hits:
             m = Episode(id=h.episode.id, caption=h.episode.caption, source=h.episode.source, score=h.score,
                         matched_by=h.matched_by, lexical_score=h.lexical_score, lexical_rank=h.lexical_rank,
-                        embedding_score=h.embedding_score, embedding_rank=h.embedding_rank)
+                        embedding_score=h.embedding_score, embedding_rank=h.embedding_rank,
+                        robot_id=h.episode.robot_id)
             m.stamp.sec, m.stamp.nanosec = divmod(h.episode.stamp_ns, 1_000_000_000)
             m.thumbnail.format = "jpeg"
             m.thumbnail.header.stamp = m.stamp
@@ -836,6 +858,8 @@ class BitMarNode(Node):
             s["log_failures"] = float(self._log.failures)
         s["episodes_stored"] = float(self._store.count())
         s["memory_writes"] = float(self._runtime.memory_writes)
+        if hasattr(self._store, "buffer_status"):  # a fleet store: episodes waiting for the database
+            s.update(self._store.buffer_status())
         for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode),
                           ("caption_to_commit", self._lat_caption), ("camera_callback", self._lat_camera_cb),
                           ("text_callback", self._lat_text_cb)):

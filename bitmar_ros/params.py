@@ -23,6 +23,11 @@ PARAMS: tuple[Param, ...] = (
           "empty = the checkpoint's", choices=("", "efficientnet_lite0", "dinov2_vitb14", "dinov2_vits14")),
     Param("dinov2_weights_dir", "", "local directory with DINOv2 weights (from_pretrained); empty = HF cache or random init"),
     Param("store_dir", "~/.bitmar/store", "directory of the persistent episodic store (created 0700)"),
+    Param("store_dsn", "", "PostgreSQL + pgvector DSN of a fleet's shared episodic store (e.g. "
+          "'host=db.example dbname=fleet user=robot sslmode=require'; password from PGPASSWORD or a "
+          "passfile); empty = SQLite under store_dir"),
+    Param("robot_id", "", "the robot each episode is recorded as in a fleet store; empty = the node's "
+          "fully qualified name"),
     Param("use_compressed", False, "subscribe to sensor_msgs/CompressedImage on 'image/compressed' instead of Image on 'image'"),
     Param("qos_reliability", "reliable", "camera subscription reliability", choices=("reliable", "best_effort")),
     Param("qos_depth", 5, "camera subscription queue depth", 1, 100),

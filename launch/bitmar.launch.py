@@ -24,6 +24,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("image_topic", default_value="camera/image_raw", description="sensor_msgs/Image input"),
         DeclareLaunchArgument("text_topic", default_value="captions", description="std_msgs/String input"),
         DeclareLaunchArgument("namespace", default_value="", description="node namespace"),
+        DeclareLaunchArgument("store_dsn", default_value="",
+                              description="PostgreSQL DSN of a fleet store (empty: SQLite at store_dir)"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
         DeclareLaunchArgument("log_level", default_value="info", description="debug|info|warn|error"),
     ]
@@ -38,6 +40,7 @@ def generate_launch_description() -> LaunchDescription:
             {
                 "checkpoint": LaunchConfiguration("checkpoint"),
                 "store_dir": LaunchConfiguration("store_dir"),
+                "store_dsn": LaunchConfiguration("store_dsn"),
                 "use_sim_time": LaunchConfiguration("use_sim_time"),
             },
         ],
