@@ -44,6 +44,9 @@ FLEET = "*"                      # robot_scope: every robot's episodes
 MAX_ROBOT_ID_CHARS = 256
 ANN_MIN_EPISODES = 20_000        # below this many rows an exact scan is fast (< 20 ms) and exact; above, HNSW
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64   # pgvector's defaults
+HNSW_EF_SEARCH = 200             # candidates an HNSW scan keeps (at least 2 × the rows wanted): recall
+                                 # vs latency, measured in bench/RESULTS_store_pg.md (pgvector's default 40
+                                 # found 26% of the exact top 10 at 100,000 clustered episodes)
 BACKOFF_S = (0.1, 5.0)           # reconnect backoff: first wait, longest wait (doubling)
 BATCH_MAX = 256                  # buffered episodes written per transaction when the database is back
 
@@ -92,6 +95,7 @@ class PgEpisodeStore:
         self._closed = False
         self._connect_timeout_s = connect_timeout_s
         self.ann_min_episodes = ANN_MIN_EPISODES
+        self.hnsw_ef_search = HNSW_EF_SEARCH
         # The write buffer (database unreachable): episodes in order, the latest memory state.
         self.buffer_max_episodes = buffer_max_episodes
         self.buffer_max_bytes = buffer_max_bytes
@@ -554,7 +558,7 @@ class PgEpisodeStore:
                 "SELECT reltuples FROM pg_class WHERE oid = 'bitmar_episodes'::regclass").fetchone()[0] \
                 >= self.ann_min_episodes
             if use_ann:
-                conn.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(40, 2 * limit))}")
+                conn.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(int(self.hnsw_ef_search), 2 * limit))}")
                 rows = conn.execute(
                     f"SELECT id, stamp_ns, 1 - (vec <=> %s::vector) FROM bitmar_episodes WHERE {cond}"
                     " ORDER BY vec <=> %s::vector LIMIT %s", [vec, *params, vec, limit]).fetchall()
