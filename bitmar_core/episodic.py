@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .runtime import BitMarRuntime, FrameCode, RuntimeError_
@@ -53,6 +54,16 @@ class Answer:
     @property
     def episode_ids(self) -> list[int]:
         return [h.episode.id for h in self.hits]
+
+
+def model_input(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A frame (H, W, 3) uint8 resized to the backbone's input ``size`` (h, w): the one path every
+    picture takes to the model, camera frame or query image, so the same picture embeds the same.
+    OpenCV INTER_AREA to uint8 (a frame is resized once, when it arrives, and kept at this size)."""
+    h, w = size
+    if rgb.shape[:2] == (h, w):
+        return np.ascontiguousarray(rgb)
+    return cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=cv2.INTER_AREA)
 
 
 class EpisodicMemory:
@@ -140,7 +151,7 @@ class EpisodicMemory:
         if code is None:
             if rgb is None:
                 raise EpisodicError("record: expected the frame as rgb or as its code, got neither")
-            code = self.runtime.embed_frame(rgb)
+            code = self.embed_image(rgb)
         episode = self.runtime.encode_episode(code, caption)
         small = thumbnail_rgb if thumbnail_rgb is not None else rgb
         thumbnail = make_thumbnail(small, max_side=thumbnail_size) if small is not None else b""
@@ -156,6 +167,10 @@ class EpisodicMemory:
             except BaseException:
                 self.runtime.load_memory_state(before)  # RAM must not hold a write the store does not
                 raise
+
+    def embed_image(self, rgb: np.ndarray) -> FrameCode:
+        """The vision code of a picture through ``model_input`` (camera frames and query images alike)."""
+        return self.runtime.embed_frame(model_input(rgb, self.runtime.input_size))
 
     def save(self) -> int:
         """Persist the memory state (reads change its usage) and fold the WAL into the database
@@ -198,7 +213,7 @@ class EpisodicMemory:
         t0 = time.perf_counter()
         text = text or None
         if image is not None and code is None:
-            code = self.runtime.embed_frame(image)
+            code = self.embed_image(image)
         if text is None and code is None:
             raise EpisodicError("query: expected text, an image, or both")
         embedding = self.runtime.embed_query(text, code)
@@ -226,7 +241,7 @@ class EpisodicMemory:
         the stored episodes that this question is about. The time window narrows that list;
         the model's read covers the whole memory."""
         if image is not None and code is None:
-            code = self.runtime.embed_frame(image)
+            code = self.embed_image(image)
         result = self.query(text, code=code, k=k, start_ns=start_ns, end_ns=end_ns, robot_scope=robot_scope)
         generated = self.runtime.answer(text or None, code, max_new_tokens=max_new_tokens)
         return Answer(generated, result.hits, result.message)

@@ -42,10 +42,22 @@ instead of seconds of model loading during which the camera is not heard. A loop
 ``CRASH_LOOP_COUNT`` times within ``CRASH_LOOP_WINDOW_S`` is not fixable from inside: the node then
 shuts down cleanly and exits with code ``EXIT_CRASH_LOOP`` (3), for ``respawn`` to bring it back.
 
+Lifecycle: a managed node (``rclpy.lifecycle``). Configure loads the checkpoint, opens the store,
+restores the memory, creates the subscriptions, publishers and services and starts the worker;
+activate lets frames and captions in and descriptions and episodes out; deactivate first commits
+every caption already accepted (nothing is lost), then pauses: frames and captions that arrive while
+configured but inactive are counted (``frames_inactive``, ``text_inactive``) and logged, not stored;
+queries and ``/diagnostics`` go on. Cleanup stops the worker, saves the memory state and closes the
+store; shutdown does the same from any state and the process then exits 0. With ``autostart`` (the
+default) the constructor configures and activates, so the node starts as a plain node does.
+
 Shutdown: the node handles SIGINT and SIGTERM itself (rclpy's handlers would shut the ROS context
 down at once, under a worker still publishing). It stops the worker, persists the memory state,
 closes the store, then destroys the node and shuts rclpy down (which also ends rclpy's signal
-thread), and exits 0. A second signal during shutdown acts as the default one.
+thread), and exits 0. Further signals during shutdown are logged and ignored: ``ros2 launch``
+without a terminal sends SIGINT to the process group too, then escalates to SIGTERM, and either
+used to kill the node inside its shutdown with the memory state unsaved. Shutdown is bounded (the
+worker is joined for at most 30 s); SIGKILL, launch's last step, still ends a wedged one.
 """
 from __future__ import annotations
 
@@ -68,19 +80,20 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecyclePublisher, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.logging import LoggingSeverity
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
-from rclpy.subscription import MessageInfo
+from rclpy.service import Service
+from rclpy.subscription import MessageInfo, Subscription
 from rclpy.task import Future
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from bitmar_core.episodic import EpisodicError, EpisodicMemory
+from bitmar_core.episodic import EpisodicError, EpisodicMemory, model_input
 from bitmar_core.runtime import BitMarRuntime, RuntimeError_
 from bitmar_core.store import EpisodeStore, EpisodeStoreAPI, StoreError
 from bitmar_ros import params as P
@@ -108,6 +121,7 @@ RECENT_FRAMES = 32
 RECENT_DENSE_NS = 500_000_000
 RECENT_SPARSE_GAP_NS = 200_000_000
 CAMERA_LAG_ALLOWANCE_NS = 500_000_000  # how late a camera callback may hand over a frame a caption waits for
+DRAIN_MARGIN_S = 30.0  # deactivate waits pair_tolerance_s + this for accepted captions to be committed
 
 
 class StartupError(Exception):
@@ -254,11 +268,13 @@ class NodeLog:
 
 
 class _StopSignals:
-    """SIGINT/SIGTERM handlers that only ask the node to stop (checked by ``BitMarNode.spin``); after
-    the first signal the default handlers are back, so a second one interrupts a hung shutdown."""
+    """SIGINT/SIGTERM handlers that only ask the node to stop (checked by ``BitMarNode.spin``).
+    Later signals are counted and said on stderr, never raised: a second SIGINT (the process group's,
+    from ``ros2 launch``) or launch's SIGTERM must not interrupt the shutdown that saves the memory."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.ignored = 0  # signals after the first
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -271,8 +287,23 @@ class _StopSignals:
         return self.signum is not None
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        self.restore()
+        if self.signum is None:
+            self.signum = signum
+            return
+        self.ignored += 1
+        try:
+            os.write(2, f"[bitmar] signal {signum} during shutdown: ignored, the memory state is being "
+                        f"saved (SIGKILL ends the process at once)\n".encode())
+        except OSError:
+            pass
+
+    def ignore_from_now(self) -> None:
+        """SIG_IGN for both (Python's finalization resets handlers that are Python functions)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                pass
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -283,8 +314,8 @@ class _StopSignals:
         self._previous = {}
 
 
-class BitMarNode(Node):
-    """The BitMar perception node (see module docstring and README)."""
+class BitMarNode(LifecycleNode):
+    """The BitMar perception node, a managed (lifecycle) node (see module docstring and README)."""
 
     def __init__(self, **node_kwargs) -> None:
         super().__init__("bitmar", **node_kwargs)
@@ -292,6 +323,11 @@ class BitMarNode(Node):
         self._cfg = self._declare_parameters()
         self._lock = threading.Condition()
         self._stopping = False
+        self._active = False       # frames and captions let in, descriptions made (lifecycle 'active')
+        self._configured = False   # model, store, interfaces and worker up ('inactive' or 'active')
+        self._job_running = False  # the worker is inside a job (deactivate waits for it)
+        self.finalized = False     # the lifecycle shutdown transition ran: spin() returns
+        self.startup_error: StartupError | None = None  # why the last configure failed
         self.exit_code: int | None = None  # set when the node must exit (a crash loop): see spin()
         self._counters = collections.Counter()
         self._last_unexpected: tuple[float, str] | None = None  # (monotonic time, what) for /diagnostics
@@ -302,6 +338,33 @@ class BitMarNode(Node):
         self._lat_caption = _Percentiles()
         self._lat_camera_cb = _Percentiles()  # reception → callback: how far the executor lags
         self._lat_text_cb = _Percentiles()
+        self._rejections: set[str] = set()
+        self._rejections_bytes = 0
+        self._rejections_full = False
+        self._runtime: BitMarRuntime | None = None
+        self._store: EpisodeStore | None = None
+        self._memory: EpisodicMemory | None = None
+        self._worker: threading.Thread | None = None
+        self._query_pool: ThreadPoolExecutor | None = None
+        self._queries_pending = 0
+        self._diag_timer = None
+        self._entities: list = []  # subscriptions, publishers, services of the configured node
+        self._reset_pipeline()
+        self.add_on_set_parameters_callback(self._guarded(
+            "set_parameters", self.on_set_parameters,
+            lambda why: SetParametersResult(successful=False, reason=f"internal error: {why}")))
+        if self._cfg["autostart"]:
+            if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                raise self.startup_error or StartupError("configure failed (see the log)")
+            if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                self.shutdown()
+                raise StartupError("activate failed (see the log)")
+        else:
+            self._log.info("unconfigured: waiting for the lifecycle transitions configure and activate "
+                           f"({self.get_fully_qualified_name()}/change_state)")
+
+    def _reset_pipeline(self) -> None:
+        """Frames and captions in flight: empty (at construction and at each configure)."""
         self._latest: Frame | None = None  # descriptions take the newest frame only
         # The newest few frames handled, for captions whose callback runs after a frame received later.
         self._recent: RecentFrames[Frame] = RecentFrames(RECENT_FRAMES, RECENT_DENSE_NS, RECENT_SPARSE_GAP_NS)
@@ -311,10 +374,66 @@ class BitMarNode(Node):
         self._last_scene: np.ndarray | None = None
         self._next_describe_ns = 0
         self._stream_id = 0
-        self._rejections: set[str] = set()
-        self._rejections_bytes = 0
-        self._rejections_full = False
 
+    # ------------------------------------------------------------------ lifecycle transitions
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load the checkpoint and the store, create the interfaces, start the worker."""
+        try:
+            self._configure()
+        except StartupError as exc:
+            self.startup_error = exc
+            self._log.error(f"configure failed: {exc}")
+            self._release(save=False)
+            return TransitionCallbackReturn.FAILURE
+        self.startup_error = None
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            self._active = True
+            self._next_describe_ns = 0
+            self._lock.notify_all()
+        self._log.info("active")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._pause()
+        self._log.info("inactive: frames and captions are counted, not stored, until activated")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self._log.info("unconfigured: the store is closed")
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """From any state: commit what was accepted, save the memory state, close the store; then
+        ``spin`` returns and the process exits 0."""
+        self.shutdown()
+        self.finalized = True
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._log.error(f"a transition from {state.label} raised: releasing the model and the store")
+        self._release()
+        return TransitionCallbackReturn.SUCCESS  # back to 'unconfigured'
+
+    def _pause(self) -> None:
+        """Stop letting frames and captions in, then wait (bounded) until every caption already
+        accepted is committed: a deactivate loses nothing that was acknowledged by a queue."""
+        with self._lock:
+            self._active = False
+            self._lock.notify_all()
+            limit = self._cfg["pair_tolerance_s"] + DRAIN_MARGIN_S
+            drained = self._lock.wait_for(
+                lambda: (not len(self._texts) and not self._job_running) or self._worker is None
+                or not self._worker.is_alive(), timeout=limit)
+        if not drained:
+            self._log.error(f"{len(self._texts)} accepted captions not committed within {limit:g} s of deactivate; "
+                            "they stay queued until the node is activated again")
+
+    def _configure(self) -> None:
+        self._reset_pipeline()
         self._runtime = self._load_runtime()
         self._store = self._open_store()
         self._memory = EpisodicMemory(self._runtime, self._store)
@@ -332,9 +451,11 @@ class BitMarNode(Node):
         else:
             self._image_sub = self.create_subscription(Image, "image", self._guarded("image", self.on_image), qos)
         self._text_sub = self.create_subscription(String, "text", self._guarded("text", self.on_text), 50)
-        self._desc_pub = self.create_publisher(Description, "description_stream", 100)
-        self._final_pub = self.create_publisher(String, "description", 10)
-        self._episode_pub = self.create_publisher(Episode, "episodes", 10)
+        # Lifecycle publishers: they publish only while active. /diagnostics is a plain one, so that
+        # an inactive node still reports (what it counted while paused included).
+        self._desc_pub = self.create_lifecycle_publisher(Description, "description_stream", 100)
+        self._final_pub = self.create_lifecycle_publisher(String, "description", 10)
+        self._episode_pub = self.create_lifecycle_publisher(Episode, "episodes", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # Its own callback group: while a query waits for the query thread, the node's other
         # callbacks (one mutually exclusive group) run; reentrant, so that queries can queue.
@@ -346,14 +467,15 @@ class BitMarNode(Node):
             "save_memory", self.on_save_memory, lambda why: Trigger.Response(success=False, message=f"internal error: {why}")))
         self._clear_srv = self.create_service(Trigger, "~/clear_memory", self._guarded(
             "clear_memory", self.on_clear_memory, lambda why: Trigger.Response(success=False, message=f"internal error: {why}")))
+        self._entities = [self._image_sub, self._text_sub, self._desc_pub, self._final_pub, self._episode_pub,
+                          self._diag_pub, self._query_srv, self._save_srv, self._clear_srv]
         self._diag_timer = None
+        self._configured = True
         self._reset_diag_timer()
-        self.add_on_set_parameters_callback(self._guarded(
-            "set_parameters", self.on_set_parameters,
-            lambda why: SetParametersResult(successful=False, reason=f"internal error: {why}")))
 
         # Daemon only so that a worker wedged in native code cannot keep the process alive after
         # shutdown() gave up joining it; shutdown() joins it in every normal case.
+        self._stopping = False
         self._worker = threading.Thread(target=self._run_guarded, args=("worker", self._work_loop),
                                         name="bitmar-worker", daemon=True)
         self._worker.start()
@@ -375,8 +497,6 @@ class BitMarNode(Node):
                 desc.floating_point_range = [FloatingPointRange(from_value=float(p.low), to_value=float(p.high), step=0.0)]
             if p.choices:
                 desc.additional_constraints = f"one of {list(p.choices)}"
-            # Declared without range enforcement by rcl so that our own check gives the message.
-            desc.integer_range, desc.floating_point_range = [], []
             try:
                 value = self.declare_parameter(p.name, p.default, desc).value
             except Exception as exc:  # wrong type in a params file
@@ -431,15 +551,26 @@ class BitMarNode(Node):
     def on_compressed_image(self, msg: CompressedImage, info: MessageInfo) -> None:
         self._accept_frame(msg, _received_ns(info), compressed_to_rgb8)
 
+    def _inactive(self, what: str) -> bool:
+        """True (and counted in ``<what>_inactive``) when the node is configured but not active."""
+        if self._active:
+            return False
+        with self._lock:
+            self._counters[f"{what}_inactive"] += 1
+        self._log.warning(f"{what} received while inactive: not stored (counted in {what}_inactive; activate "
+                          "the node to store frames and captions)", every_s=5.0, key=f"{what}_inactive")
+        return True
+
     def _accept_frame(self, msg, recv_ns: int, convert) -> None:
         self._lat_camera_cb.add((time.time_ns() - recv_ns) / 1e9)
+        if self._inactive("frames"):
+            return
         try:
             rgb = convert(msg)
         except ImageConversionError as exc:
             self._reject("frame", str(exc))
             return
-        h, w = self._runtime.input_size
-        small = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if rgb.shape[:2] != (h, w) else np.array(rgb)
+        small = model_input(rgb, self._runtime.input_size)  # the path query images take too
         t = self._cfg["thumbnail_size"]
         scale = t / max(rgb.shape[:2])
         thumb = cv2.resize(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))),
@@ -467,6 +598,8 @@ class BitMarNode(Node):
     def on_text(self, msg: String, info: MessageInfo) -> None:
         t_ns = _received_ns(info)
         self._lat_text_cb.add((time.time_ns() - t_ns) / 1e9)
+        if self._inactive("text"):
+            return
         text = msg.data
         n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
         if not text.strip():
@@ -586,9 +719,11 @@ class BitMarNode(Node):
         self._log.fatal(f"{why}: shutting down with exit code {code} (for respawn to restart the node)")
 
     def spin(self, executor, stop: "_StopSignals | None" = None) -> int:
-        """Spin ``executor`` until a stop signal, an exit request or rclpy shutdown; the exit code.
+        """Spin ``executor`` until a stop signal, an exit request, the lifecycle shutdown transition or
+        rclpy shutdown; the exit code.
         An exception escaping the executor is reported and spinning goes on (crash loops: exit)."""
-        while self.context.ok() and self.exit_code is None and not (stop is not None and stop.requested):
+        while (self.context.ok() and self.exit_code is None and not self.finalized
+               and not (stop is not None and stop.requested)):
             try:
                 executor.spin_once(timeout_sec=0.25)
             except ExternalShutdownException:
@@ -609,10 +744,15 @@ class BitMarNode(Node):
                         self._lock.wait(timeout=self._idle_wait_s())
                 if self._stopping:
                     return
+                self._job_running = True
             try:
                 job()
             except Exception as exc:  # one failed job: report it and go on with the next
                 self._report_unexpected("a worker job", exc, "worker_errors")
+            finally:
+                with self._lock:
+                    self._job_running = False
+                    self._lock.notify_all()  # a deactivate may be waiting for the queue to drain
 
     def _idle_wait_s(self) -> float:
         """How long the idle worker sleeps (new frames and captions wake it earlier). Never 0: with a
@@ -640,8 +780,8 @@ class BitMarNode(Node):
                               f"{_gap_s(caption.after, caption.t_ns)} after (counted in text_unpaired)",
                               every_s=1.0, key="text_unpaired")
         frame = self._latest
-        if frame is None or frame.seq == self._last_described_seq:
-            return None
+        if not self._active or frame is None or frame.seq == self._last_described_seq:
+            return None  # inactive: the captions accepted before are committed, nothing is described
         now = time.monotonic_ns()
         rate = self._cfg["describe_rate_hz"]
         due = rate > 0 and now >= self._next_describe_ns
@@ -759,7 +899,7 @@ class BitMarNode(Node):
                 self._counters["queries_rejected"] += 1
                 resp.success, resp.message = False, f"query image: {clip(str(exc), MAX_REASON_BYTES)}"
                 return resp
-        code = self._runtime.embed_frame(image) if image is not None else None
+        code = self._memory.embed_image(image) if image is not None else None  # camera frames' resize
         window = dict(k=int(req.k), start_ns=_stamp_ns(req.start) or None, end_ns=_stamp_ns(req.end) or None,
                       robot_scope=req.robot_scope or None)
         try:
@@ -836,7 +976,7 @@ class BitMarNode(Node):
                     self._cfg[p.name] = p.value
             self._next_describe_ns = 0
             self._lock.notify_all()
-        if any(p.name == "diagnostics_rate_hz" for p in parameters):
+        if self._configured and any(p.name == "diagnostics_rate_hz" for p in parameters):
             self._reset_diag_timer()
         return SetParametersResult(successful=True)
 
@@ -856,10 +996,12 @@ class BitMarNode(Node):
             s["rejection_reasons_bytes"] = float(self._rejections_bytes)
         if self._log.failures:
             s["log_failures"] = float(self._log.failures)
-        s["episodes_stored"] = float(self._store.count())
-        s["memory_writes"] = float(self._runtime.memory_writes)
-        if hasattr(self._store, "buffer_status"):  # a fleet store: episodes waiting for the database
-            s.update(self._store.buffer_status())
+        store, runtime = self._store, self._runtime
+        if store is not None and runtime is not None:
+            s["episodes_stored"] = float(store.count())
+            s["memory_writes"] = float(runtime.memory_writes)
+            if hasattr(store, "buffer_status"):  # a fleet store: episodes waiting for the database
+                s.update(store.buffer_status())
         for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode),
                           ("caption_to_commit", self._lat_caption), ("camera_callback", self._lat_camera_cb),
                           ("text_callback", self._lat_text_cb)):
@@ -894,23 +1036,58 @@ class BitMarNode(Node):
         return status
 
     def worker_alive(self) -> bool:
-        return self._worker.is_alive()
+        return self._worker is not None and self._worker.is_alive()
 
     def shutdown(self) -> None:
-        """Stop the worker (it finishes its job: the ROS context is still up), then persist the
-        memory state (reads changed its usage) and close the store."""
+        """Commit the captions already accepted (when active), stop the worker (it finishes its job:
+        the ROS context is still up), persist the memory state (reads changed its usage) and close
+        the store. Safe in any state and more than once."""
+        if self._active:
+            self._pause()
+        self._release()
+
+    def _release(self, save: bool = True) -> None:
+        """Undo ``_configure`` (whatever part of it ran): stop the worker and the query thread, save
+        the memory state and close the store, destroy the interfaces."""
         with self._lock:
+            self._active = False
             self._stopping = True
             self._lock.notify_all()
-        self._worker.join(timeout=30)
-        if self._worker.is_alive():
-            self._log.error("the worker did not stop within 30 s; closing the store under it")
-        self._query_pool.shutdown(wait=True, cancel_futures=True)
-        try:
-            self._memory.close()
-        except StoreError as exc:
-            self._log.error(f"memory state not saved at shutdown: {exc}")
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+            if self._worker.is_alive():
+                self._log.error("the worker did not stop within 30 s; closing the store under it")
+            else:
+                self._worker = None
+        if self._query_pool is not None:
+            self._query_pool.shutdown(wait=True, cancel_futures=True)
+            self._query_pool = None
+        if self._memory is not None:
+            try:
+                self._memory.close(save=save)
+                if save:
+                    self._log.info(f"memory state saved ({self._runtime.memory_writes} writes); store closed")
+            except StoreError as exc:
+                self._log.error(f"memory state not saved at shutdown: {exc}")
+                self._store.close()
+        elif self._store is not None:
             self._store.close()
+        self._memory = self._store = None
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = None
+        for entity in self._entities:
+            if isinstance(entity, LifecyclePublisher):
+                self.destroy_lifecycle_publisher(entity)
+            elif isinstance(entity, Service):
+                self.destroy_service(entity)
+            elif isinstance(entity, Subscription):
+                self.destroy_subscription(entity)
+            else:
+                self.destroy_publisher(entity)
+        self._entities = []
+        self._runtime = None
+        self._configured = False
 
 
 def main(args=None) -> None:
@@ -940,7 +1117,10 @@ def main(args=None) -> None:
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
-        stop.restore()
+        # Everything is saved: further signals are ignored until the process has exited. rclpy's
+        # shutdown and Python's finalization both put the default handlers back, and a late second
+        # SIGINT then raised KeyboardInterrupt (exit -2), a late SIGTERM killed the process (-15).
+        stop.ignore_from_now()
     if node.worker_alive():  # wedged in native code: finalizing Python under it could abort the process
         sys.stdout.flush()
         sys.stderr.flush()

@@ -18,6 +18,8 @@ class Param:
 
 
 PARAMS: tuple[Param, ...] = (
+    Param("autostart", True, "configure and activate at start-up; false: a managed node that waits in "
+          "'unconfigured' for lifecycle transitions (from a lifecycle manager)"),
     Param("checkpoint", "", "BitMar checkpoint (.safetensors); empty = the bundled default"),
     Param("backbone", "", "vision backbone override (efficientnet_lite0, dinov2_vitb14, dinov2_vits14); "
           "empty = the checkpoint's", choices=("", "efficientnet_lite0", "dinov2_vitb14", "dinov2_vits14")),

@@ -218,6 +218,37 @@ def test_every_logging_path_once_and_the_worker_survives_an_injected_fault(ctx, 
         node.request_exit(3, "test of the exit request")
         assert node.exit_code == 3
 
+        # Lifecycle: a caption the worker cannot commit before deactivate gives up waiting, input
+        # while inactive, cleanup (memory saved), a configure that fails, a transition that raises
+        # (on_error), and a node that waits unconfigured.
+        from rclpy.lifecycle import TransitionCallbackReturn as R
+        node.exit_code = None
+        monkeypatch.setattr(N, "DRAIN_MARGIN_S", 0.0)
+        node._cfg["pair_tolerance_s"] = 0.2
+        node._next_job = lambda: None
+        node.on_text(String(data="held while deactivating"), _info())
+        assert node.trigger_deactivate() == R.SUCCESS
+        del node._next_job
+        node.on_image(_frame(7), _info())
+        node.on_text(String(data="sent while inactive"), _info())
+        assert stats()["frames_inactive"] == 1 and stats()["text_inactive"] == 1
+        assert node.trigger_cleanup() == R.SUCCESS and node._store is None
+        good = node._cfg["checkpoint"]
+        node._cfg["checkpoint"] = str(tmp_path / "missing.safetensors")
+        assert node.trigger_configure() == R.FAILURE and "missing.safetensors" in str(node.startup_error)
+        node._cfg["checkpoint"] = good
+        assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
+
+        def boom():
+            raise RuntimeError("injected deactivate fault")
+        node._pause = boom
+        assert node.trigger_deactivate() == R.ERROR and node._store is None  # on_error released it
+        del node._pause
+        assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
+        waiting = N.BitMarNode(context=ctx, parameter_overrides=[Parameter("autostart", value=False)])
+        assert waiting._store is None
+        waiting.destroy_node()
+
         # Shutdown with a worker that will not stop and a store that cannot save.
         with node._lock:
             node._stopping = True
