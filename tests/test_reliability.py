@@ -45,6 +45,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from bitmar_core.episodic import CAPTION_SYNONYM_GROUPS
 from bitmar_core.store import DB_FILENAME, EpisodeStore
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import (ENCODINGS, MAX_SIDE, ImageConversionError, compressed_to_rgb8,
@@ -931,7 +932,8 @@ def _corrupt_cases(checkpoint: Path, tmp: Path) -> list[dict]:
 
     def store_case(name: str, damage, expect: list[str]) -> None:
         d = tmp / name / "store"
-        with EpisodeStore.open(d, dim, identity) as s:
+        # made as the node makes its stores (with the caption synonyms of its full-text index)
+        with EpisodeStore.open(d, dim, identity, synonyms=CAPTION_SYNONYM_GROUPS) as s:
             for i in range(3):
                 s.add_episode(1000 + i, f"episode {i}", "caption", rng.standard_normal(dim).astype(np.float32),
                               b"\xff\xd8" + bytes(3000), state)
