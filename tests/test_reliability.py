@@ -1042,7 +1042,7 @@ def _publish_frame_counted(h: Harness, node: NodeProcess, msg: Image, image_pub=
             pub.publish(msg)
             last[0] = time.monotonic()
         return False
-    h.wait(counted, 60, "the node to count a frame")
+    h.wait(counted, 120, "the node to count a frame")  # generous: a loaded machine discovers slowly
 
 
 def _store_caption(h: Harness, node: NodeProcess, seed: int, caption: str, **stamp) -> None:
