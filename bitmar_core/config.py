@@ -72,8 +72,8 @@ class BitMarConfig:
     # --- decoder with attention sinks (§3.4.1) ---
     sink_tokens: int = 4  # S, never evicted
     window: int = 1020  # W most recent tokens, the current one included; S + W = 1024 positions
-    # Training only: share of batches decoded at a random stream offset (positions clamped as in
-    # the cache), so positions past the first caption are trained for the node's hours-long session.
+    # Training only: share of streams whose tokens after the sinks start at a random later position,
+    # so queries meet the sink keys from as far as the cache ever puts them (S+W−1).
     position_offset_prob: float = 0.0
     # Rotary positions (RoPE) assigned by place in the cache at attention time, as StreamingLLM:
     # a window key sits at its distance from the query, a sink key at its slot (≤ S+W−1 away), so
