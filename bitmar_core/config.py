@@ -68,6 +68,10 @@ class BitMarConfig:
     memory_forget_base: float = 0.002  # f0: every slot decays a little per write, so |M| stays bounded
     memory_forget_rate: float = 0.02  # f: extra decay of the least-used slots
     write_fraction: float = 0.5  # share of image–caption items written to M during training
+    # Ours (docs/MODEL.md, "Memory that matters"); the defaults are the paper's eq. 1–2.
+    memory_read: str = "dot"  # 'dot': w_r = softmax(τ M q); 'cosine': softmax(τ cos(M_k, q)), so a slot's age (decay) does not change what finds it
+    memory_write_usage: float = 0.0  # λ: write logits W_w q − λ·u, so a new episode avoids slots that already hold one
+    memory_init: str = "learned"  # 'learned': M0 a parameter; 'zero': the memory starts empty (M0 = 0, a buffer)
 
     # --- decoder with attention sinks (§3.4.1) ---
     sink_tokens: int = 4  # S, never evicted
@@ -125,6 +129,12 @@ class BitMarConfig:
         for name in ("lm_weight", "cm_weight", "mem_weight"):
             if getattr(self, name) < 0:
                 fail(name, "a loss weight >= 0")
+        if self.memory_read not in ("dot", "cosine"):
+            fail("memory_read", "'dot' or 'cosine'")
+        if self.memory_init not in ("learned", "zero"):
+            fail("memory_init", "'learned' or 'zero'")
+        if self.memory_write_usage < 0:
+            fail("memory_write_usage", "a weight >= 0")
         if self.fusion_pooling not in ("mean", "learned"):
             fail("fusion_pooling", "'mean' or 'learned'")
         if self.conditioning not in ("add", "concat"):

@@ -1,9 +1,16 @@
 """Episodic memory (paper §3.4, eq. 1–3): a K×C matrix read by content and written softly.
 
 Functional core (pure tensors, batched, differentiable — used in training):
-    read:  w_r = softmax(τ M q) ∈ R^K,  M_r = w_rᵀ M                     (eq. 2; τ learned, ours)
-    write: w_w = softmax(W_w q),      M ← M + α Σ_b w_w,b q_bᵀ           (eq. 1)
+    read:  w_r = softmax(τ s(M, q)) ∈ R^K,  M_r = w_rᵀ M                 (eq. 2; τ learned, ours)
+           s = M q (paper) or cos(P M_k, P q), P a learned key map (`memory_read: cosine`, ours)
+    write: w_w = softmax(W_w q − λ u),  M ← M + α Σ_b w_w,b q_bᵀ          (eq. 1; λ = 0 in the paper)
+           with cosine reads the logits are β_w cos(W_w,k, q) − λ u (β_w learned)
     L_mem = ||M_after − M_before||_F²                                      (eq. 3)
+Why the departures (docs/MODEL.md): with dot-product reads a learned M0 whose rows point where
+queries point outscores a slot written once, and with λ = 0 episodes with similar content share
+slots; both made the memory a blur that the decoder learned to ignore. Cosine reads score a slot
+by what it holds, not by how faded it is; the usage term sends each new episode to a free slot (as
+DNC's allocation does), and an empty memory (`memory_init: zero`) reads as nothing at all.
 Usage-based forgetting (the paper names it, without a formula; ours):
     u ← γ·u + mean_b(w_w + w_r),   M_k ← (1 − f0 − f·(1 − u_k / max u)) · M_k
 Every slot loses at least a fraction f0 per write, so with ||q|| ≤ Q a slot's norm can never exceed
@@ -20,9 +27,25 @@ import torch.nn as nn
 from .config import BitMarConfig
 
 
-def read(M: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """M (K,C), q (B,C) → (M_r (B,C), w_r (B,K)); w_r = softmax(scale · M q)."""
-    w_r = (scale * (q.float() @ M.float().T)).softmax(dim=-1)
+def unit(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / |x| along the last axis; an all-zero row (an empty slot) stays zero."""
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
+
+
+def scores(M: torch.Tensor, q: torch.Tensor, key: nn.Module | None = None) -> torch.Tensor:
+    """Content scores of the K slots: M (...,K,C), q (...,C) → (...,K). Without `key`: M q (eq. 2).
+    With it: cos(key(M_k), key(q)) — a learned C×C map, so what tells episodes apart (colour,
+    shape) can outweigh what every episode shares, and a faded slot scores as it did when new."""
+    M, q = M.float(), q.float()
+    if key is None:
+        return (M @ q.unsqueeze(-1)).squeeze(-1)
+    return (unit(key(M)) @ unit(key(q)).unsqueeze(-1)).squeeze(-1)
+
+
+def read(M: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | float = 1.0,
+         key: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """M (K,C), q (B,C) → (M_r (B,C), w_r (B,K)); w_r = softmax(scale · scores(M, q))."""
+    w_r = (scale * scores(M.unsqueeze(0), q, key)).softmax(dim=-1)
     return w_r @ M.float(), w_r
 
 
@@ -52,13 +75,13 @@ def forget(M: torch.Tensor, usage: torch.Tensor, f0: float, f: float) -> torch.T
 
 def recall_step(M: torch.Tensor, usage: torch.Tensor, q: torch.Tensor, w_w: torch.Tensor, alpha: float,
                 gamma: float, f0: float, f: float, mask: torch.Tensor | None = None,
-                scale: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: torch.Tensor | float = 1.0, key: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One runtime write (read-before-write usage, eq. 1, forgetting) for B separate memories at
     once: M (B,K,C), usage (B,K), q (B,C), w_w (B,K), mask (B,) — an item whose mask is false is
     left as it is. Differentiable: the memory task trains through a sequence of these, exactly as
     `EpisodicMemoryState.write_` runs them on the robot."""
     q = q.float()
-    w_r = (scale * torch.einsum("bkc,bc->bk", M, q)).softmax(dim=-1)
+    w_r = read_each(M, q, scale, key)[1]
     M_new = M + alpha * w_w.float().unsqueeze(-1) * q.unsqueeze(1)
     u_new = gamma * usage + w_w + w_r
     rel = u_new / u_new.amax(dim=-1, keepdim=True).clamp(min=1e-12)
@@ -69,46 +92,67 @@ def recall_step(M: torch.Tensor, usage: torch.Tensor, q: torch.Tensor, w_w: torc
     return torch.lerp(M, M_new, m.view(-1, 1, 1)), torch.lerp(usage, u_new, m.view(-1, 1))
 
 
-def read_each(M: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | float = 1.0
+def read_each(M: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | float = 1.0, key: nn.Module | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2 for B separate memories: M (B,K,C), q (B,C) → (M_r (B,C), w_r (B,K))."""
-    w_r = (scale * torch.einsum("bkc,bc->bk", M.float(), q.float())).softmax(dim=-1)
+    w_r = (scale * scores(M, q, key)).softmax(dim=-1)
     return torch.einsum("bk,bkc->bc", w_r, M.float()), w_r
 
 
 class EpisodicMemory(nn.Module):
-    """Learned initial memory M0 (K,C) and the learned write addressing W_w: C → K."""
+    """Initial memory M0 (K,C) — learned, or empty — and the learned write addressing W_w: C → K."""
 
     def __init__(self, config: BitMarConfig):
         super().__init__()
         self.alpha = config.memory_alpha
         self.gamma = config.memory_usage_decay
         self.f0, self.f = config.memory_forget_base, config.memory_forget_rate
-        self.M0 = nn.Parameter(torch.randn(config.memory_slots, config.memory_dim) * 0.02)
+        self.usage_weight = config.memory_write_usage
+        if config.memory_init == "zero":
+            self.register_buffer("M0", torch.zeros(config.memory_slots, config.memory_dim))
+        else:
+            self.M0 = nn.Parameter(torch.randn(config.memory_slots, config.memory_dim) * 0.02)
         # Full precision: addressing is a softmax over 512 slots, as sensitive as the attention softmax.
         self.write_proj = nn.Linear(config.memory_dim, config.memory_slots, bias=False)
         # Ours: a learned read sharpness (log of the inverse temperature of eq. 2's softmax, as the
         # key strength of NTM-style reads). With a fixed 1, a slot holding α·w·q of one episode
         # stood out from M0 by ~0.1 logit and every read was a blur of all slots.
         self.read_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.key_proj = None
+        if config.memory_read == "cosine":
+            # Ours: the read key map (identity at first) and a write sharpness β_w for cosine write
+            # addressing softmax(β_w cos(W_w,k, q) − λu): with raw logits W_w q the paper's L_mem
+            # (α²|q|² Σ w²) had driven W_w to uniform writes (max weight 1/512 measured).
+            # Starting sharpness: cosines of different episodes differ by ~0.05, and random write
+            # addresses by ~0.1 (measured), so τ = 30 and β_w = 60 give reads and writes that pick.
+            self.key_proj = nn.Linear(config.memory_dim, config.memory_dim, bias=False)
+            self.read_log_scale.data.fill_(math.log(30.0))
+            self.write_log_scale = nn.Parameter(torch.tensor(math.log(60.0)))
 
     @property
     def read_scale(self) -> torch.Tensor:
         return self.read_log_scale.exp()
 
-    def write_weights(self, q: torch.Tensor) -> torch.Tensor:
-        return self.write_proj(q.float()).softmax(dim=-1)
+    def write_weights(self, q: torch.Tensor, usage: torch.Tensor | None = None) -> torch.Tensor:
+        """w_w = softmax(W_w q − λ u): content picks the slot, usage u (K,) or (B,K) steers it off full ones."""
+        if self.key_proj is None:
+            logits = self.write_proj(q.float())
+        else:
+            logits = self.write_log_scale.exp() * (unit(q.float()) @ unit(self.write_proj.weight).T)
+        if usage is not None and self.usage_weight:
+            logits = logits - self.usage_weight * usage
+        return logits.softmax(dim=-1)
 
     def read(self, M: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return read(M, q, self.read_scale)
+        return read(M, q, self.read_scale, self.key_proj)
 
     def read_each(self, M: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return read_each(M, q, self.read_scale)
+        return read_each(M, q, self.read_scale, self.key_proj)
 
-    def write(self, M: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, M: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None,
+              usage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (M_after, w_w)."""
-        w_w = self.write_weights(q)
+        w_w = self.write_weights(q, usage)
         return write(M, q, w_w, self.alpha, mask), w_w
 
     def write_sequence(self, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -120,8 +164,8 @@ class EpisodicMemory(nn.Module):
         for e in range(E):
             if not bool(mask[:, e].any()):
                 continue
-            M, usage = recall_step(M, usage, q[:, e], self.write_weights(q[:, e]), self.alpha, self.gamma,
-                                   self.f0, self.f, mask[:, e], self.read_scale)
+            M, usage = recall_step(M, usage, q[:, e], self.write_weights(q[:, e], usage), self.alpha, self.gamma,
+                                   self.f0, self.f, mask[:, e], self.read_scale, self.key_proj)
         return M
 
     def new_state(self) -> "EpisodicMemoryState":
@@ -151,7 +195,7 @@ class EpisodicMemoryState:
         """Write q (C,) or (B,C); returns w_w (B,K)."""
         q = q.reshape(-1, self.M.shape[1]).float()
         _, w_r = self.memory.read(self.M, q)
-        M, w_w = self.memory.write(self.M, q)
+        M, w_w = self.memory.write(self.M, q, usage=self.usage)
         self.usage = update_usage(self.usage, w_w, w_r, self.memory.gamma)
         self.M = forget(M, self.usage, self.memory.f0, self.memory.f)
         self.n_writes += q.shape[0]

@@ -93,6 +93,8 @@ class BitMar(nn.Module):
         self.apply(self._init_weights)
         # Write addressing starts content-dependent (logit spread ~1–2 for |q| ≈ 4–8), not uniform.
         nn.init.normal_(self.memory.write_proj.weight, mean=0.0, std=0.25)
+        if self.memory.key_proj is not None:
+            nn.init.eye_(self.memory.key_proj.weight)  # reads start as plain cosine
         if config.tie_embeddings:
             self.wte = TiedEmbedding(self.decoder)
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, read_header, save_checkpoint
 from .config import BitMarConfig
 from .controller import AdaptiveController, ControllerConfig
 from .data.streams import IGNORE
@@ -91,6 +91,40 @@ def evaluate(model: BitMar, batches: list[dict], device: torch.device, precision
     return {k: v / len(batches) for k, v in sums.items()}
 
 
+def init_from_checkpoint(path: Path, fields: dict) -> BitMar:
+    """A model with `path`'s weights and its config updated by `fields` (the recipe's model
+    section); the fields may change behaviour, not shapes. A memory that starts empty
+    (`memory_init: zero`) drops the learned M0 it may have had."""
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from: {path} is not a file; expected a BitMar checkpoint "
+                                "(run_dir/checkpoint/model.safetensors or a packed .safetensors)")
+    source = load_checkpoint(path)
+    fixed = {"vocab_size", "eos_id"}  # set from the corpus when the first stage was built
+    config = BitMarConfig.from_dict({**source.config.to_dict(),
+                                     **{k: v for k, v in fields.items() if k not in fixed}})
+    model = BitMar(config)
+    if read_header(path).get("__metadata__", {}).get("packed") == "true":
+        raise ValueError(f"train.init_from: {path} is a packed (ternary) checkpoint; training continues from "
+                         "the FP32 latent weights of run_dir/checkpoint/model.safetensors")
+    tensors = model.state_dict()
+    unknown = sorted(set(source.state_dict()) - set(tensors))
+    if unknown:
+        raise ValueError(f"train.init_from: {path} has tensors this config does not: {unknown[:5]}")
+    kept = source.state_dict()
+    if source.config.memory_read != config.memory_read:
+        # the addressing changes meaning (raw logits → cosines): its trained values do not carry over
+        for k in ("memory.write_proj.weight", "memory.read_log_scale"):
+            kept.pop(k)
+    fresh = sorted(set(tensors) - set(kept))
+    tensors.update(kept)
+    if config.memory_init == "zero":
+        tensors["memory.M0"] = torch.zeros_like(model.memory.M0)
+    model.load_state_dict(tensors, strict=True)
+    if fresh:
+        log.info("init_from: new in this stage (initialised): %s", ", ".join(fresh))
+    return model.train()
+
+
 def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
     t, data, out_cfg = recipe.train, recipe.data, recipe.output
     device = resolve_device(t)
@@ -124,6 +158,9 @@ def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
         if state["world"] != d.world:
             raise ValueError(f"resume: {resume} was saved by {state['world']} ranks, this run has {d.world}")
         model.train()
+    elif t.init_from:
+        model = init_from_checkpoint(Path(t.init_from), {**recipe.model, "gradient_checkpointing": grad_ckpt})
+        log.info("weights from %s", t.init_from)
     else:
         fields = {**recipe.model, "gradient_checkpointing": grad_ckpt}
         token_ids = None

@@ -63,9 +63,10 @@ cmake --build "$BUILD" -j2 >"$ROOT/build/build.log" 2>&1 || { tail -50 "$ROOT/bu
 cmake --install "$BUILD" >"$ROOT/build/install.log" 2>&1 || { tail -50 "$ROOT/build/install.log"; exit 1; }
 # 4. The console scripts the README prints (bitmar-train, bitmar-eval, bitmar-extract-features): setup.py's
 # entry points, installed by pip beside the CMake copy of bitmar_core (the same files). Skipped while
-# setup.py and the package's file list are unchanged.
+# setup.py and the package's files are unchanged (their contents: the console scripts import the
+# installed copy, so an edited module must be installed again).
 cli_stamp="$VENV/.bitmar-cli.sha256"
-cli_want=$( (cat "$ROOT/setup.py"; cd "$ROOT" && find bitmar_core -name '*.py' | sort) | sha256sum | cut -d' ' -f1)
+cli_want=$( (cat "$ROOT/setup.py"; cd "$ROOT" && find bitmar_core -name '*.py' | sort | xargs sha256sum) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$cli_stamp" ] || [ "$(cat "$cli_stamp")" != "$cli_want" ] || [ ! -x "$VENV/bin/bitmar-train" ]; then
   log "installing the bitmar-train / bitmar-eval / bitmar-extract-features commands"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \

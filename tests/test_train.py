@@ -107,6 +107,38 @@ def test_resume_continues_exactly(tmp_path, cache_dir):
     assert all(torch.allclose(pa[k], pb[k], atol=1e-7) for k in pa)
 
 
+@pytest.mark.slow
+def test_a_second_stage_starts_from_the_first_stages_weights(tmp_path, cache_dir):
+    """train.init_from: every tensor the stages share is carried over exactly; what the new memory
+    addressing adds (key map, write sharpness) or redefines (write addresses, read sharpness) is
+    initialised afresh; an empty initial memory replaces the learned M0; a packed file is refused."""
+    first = tmp_path / "first"
+    assert main(["--config", str(write_recipe(tmp_path / "a.yaml", cache_dir, train={"steps": 2})),
+                 "--run-dir", str(first)]) == 0
+    source = first / "checkpoint" / "model.safetensors"
+    stage2 = {"memory_read": "cosine", "memory_init": "zero", "memory_write_usage": 50.0}
+    cfg = write_recipe(tmp_path / "b.yaml", cache_dir, model=stage2,
+                       train={"steps": 1, "init_from": str(source), "lr": 1e-12, "warmup_steps": 0})
+    from bitmar_core.train import init_from_checkpoint
+    model = init_from_checkpoint(source, {**TINY_MODEL, **stage2})
+    before = load_checkpoint(source).state_dict()
+    after = model.state_dict()
+    redefined = {"memory.write_proj.weight", "memory.read_log_scale", "memory.M0"}
+    for k, v in before.items():
+        if k not in redefined:
+            assert torch.equal(after[k], v), k
+    assert torch.equal(after["memory.M0"], torch.zeros_like(before["memory.M0"]))
+    assert torch.equal(after["memory.key_proj.weight"], torch.eye(16))
+    assert model.config.memory_read == "cosine" and model.config.vocab_size == load_checkpoint(source).config.vocab_size
+    second = tmp_path / "second"
+    assert main(["--config", str(cfg), "--run-dir", str(second)]) == 0
+    assert load_checkpoint(second / "checkpoint" / "model.safetensors").config.memory_init == "zero"
+    with pytest.raises(ValueError, match="packed"):
+        init_from_checkpoint(first / "model_packed.safetensors", {**TINY_MODEL, **stage2})
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        init_from_checkpoint(tmp_path / "missing.safetensors", TINY_MODEL)
+
+
 def test_optimizer_state_flattens_to_tensors_and_json():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

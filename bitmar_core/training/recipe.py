@@ -97,6 +97,10 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 500
     max_time_s: float | None = None  # stop (and save) once this much wall time has passed
+    # A later stage: start from this checkpoint's weights (an FP32 model.safetensors), with its
+    # config updated by the recipe's model section; optimizer, data and schedule
+    # start afresh. Unlike --resume, which continues one run exactly.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads 1e-3 (no dot) as a string: accept it as the number it is.
