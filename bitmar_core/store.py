@@ -4,11 +4,13 @@ One SQLite database (WAL, synchronous=FULL) holds the episodes and the episodic 
 that their writes produced, committed together, so a SIGKILL at any moment leaves a readable
 store in which memory and episodes agree. Pure Python/numpy/sqlite3: no ROS, no torch.
 
-Layout of ``<directory>/episodes.sqlite3`` (schema version 2):
+Layout of ``<directory>/episodes.sqlite3`` (schema version 3):
 
 - ``meta(key, value)``: ``schema_version``, ``embedding_dim``, ``identity`` (the model/config
   identity string of the writer; opening with another one is refused).
-- ``episodes(id, stamp_ns, caption, source, embedding, thumbnail)``: ``embedding`` is ``dim``
+- ``episodes(id, stamp_ns, caption, source, embedding, thumbnail, pose_frame, px, py, pz, qx, qy, qz, qw)``:
+  ``pose_frame`` NULL when the episode has no pose (version-2 stores migrate to that), else the
+  frame of the pose (``bitmar_core.pose.Pose``) where the camera was. ``embedding`` is ``dim``
   little-endian float32, ``thumbnail`` JPEG bytes (or empty). Ids come from AUTOINCREMENT, so they
   grow monotonically and are never reused, not even after ``clear()``. Generated descriptions are
   episodes too (``source='description'``), so they are searched like captions.
@@ -23,6 +25,11 @@ Layout of ``<directory>/episodes.sqlite3`` (schema version 2):
 - ``memory_state(name, dtype, shape, data)``: named tensors (``M``, ``usage``, ``n_writes``, ...)
   as raw little-endian bytes. It is replaced as a whole, in the same transaction as the episode
   whose write produced it.
+
+Retention (``enforce_retention``, ``RetentionPolicy``) and ``forget`` delete episodes with their
+index entries in one transaction per batch; a new store uses ``auto_vacuum = INCREMENTAL`` so that
+freed pages go back to the file system, and the WAL is truncated to ``WAL_SIZE_LIMIT`` after each
+pass, so the store's disk stays within a budget.
 
 Retrieval (``search``) fuses two rankings by reciprocal rank: BM25 of the query's words against the
 captions (``lexical_search``) and cosine similarity of the model's embeddings (``query``), both
@@ -51,8 +58,10 @@ from typing import Protocol
 
 import numpy as np
 
-SCHEMA_VERSION = 2
-MIGRATABLE_VERSIONS = ("1",)  # older schemas that open() upgrades in place
+from .pose import Pose, PoseError
+
+SCHEMA_VERSION = 3
+MIGRATABLE_VERSIONS = ("1", "2")  # older schemas that open() upgrades in place
 DB_FILENAME = "episodes.sqlite3"
 
 MAX_EMBEDDING_DIM = 8192
@@ -66,6 +75,8 @@ MAX_STATE_TENSORS = 64
 MAX_STATE_NAME_CHARS = 64
 MAX_STATE_BYTES = 256 * 1024 * 1024
 BUSY_TIMEOUT_MS = 5000
+WAL_SIZE_LIMIT = 4 * 1024 * 1024  # journal_size_limit: the WAL file is cut back to this after a checkpoint
+RETENTION_BATCH = 2000  # episodes deleted per transaction: one batch holds the write lock ~10 ms
 MAX_QUERY_TERMS = 32  # words of a text query that are searched; the rest are ignored
 
 # Reciprocal rank fusion: an episode's fused score is the sum of 1 / (RRF_K + rank) over the rankings
@@ -107,7 +118,8 @@ _SCHEMA = (
     " caption TEXT NOT NULL,"
     " source TEXT NOT NULL,"
     " embedding BLOB NOT NULL,"  # before the thumbnail: loading the index skips overflow pages
-    " thumbnail BLOB NOT NULL)",
+    " thumbnail BLOB NOT NULL,"
+    " pose_frame TEXT, px REAL, py REAL, pz REAL, qx REAL, qy REAL, qz REAL, qw REAL)",
     "CREATE INDEX episodes_stamp ON episodes (stamp_ns)",
     "CREATE TABLE memory_state ("
     " name TEXT PRIMARY KEY, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL)",
@@ -115,6 +127,10 @@ _SCHEMA = (
 # Schema version 2: the full-text index. It holds its own copy of the text: the normalised column is
 # not a column of ``episodes``, so FTS5's external-content form cannot be used.
 _FTS_SCHEMA = ("CREATE VIRTUAL TABLE episodes_fts USING fts5(caption, canon, tokenize='porter unicode61')",)
+# Schema version 3: where each episode was recorded (NULL pose_frame: no pose).
+_POSE_COLUMNS = ("pose_frame TEXT", "px REAL", "py REAL", "pz REAL", "qx REAL", "qy REAL", "qz REAL", "qw REAL")
+_POSE_SELECT = "pose_frame, px, py, pz, qx, qy, qz, qw"
+_EPISODE_COLUMNS = "id, stamp_ns, caption, source, embedding, thumbnail, pose_frame, px, py, pz, qx, qy, qz, qw"
 _TABLES = {"meta", "episodes", "memory_state"}
 _TABLES_V2 = _TABLES | {"episodes_fts"}
 
@@ -162,6 +178,74 @@ class Episode:
     embedding: np.ndarray
     thumbnail_jpeg: bytes
     robot_id: str = ""  # the robot that recorded it (fleet store); "" in a one-robot SQLite store
+    pose: Pose | None = None  # where the camera was at stamp_ns; None when no pose source gave one
+
+
+@dataclass(frozen=True)
+class SpatialFilter:
+    """Episodes recorded within ``radius_m`` of (x, y) in ``frame_id``, measured in the frame's x-y
+    plane (``Pose.planar_distance`` says why). Episodes without a pose or in another frame never match:
+    the store has no transforms between frames."""
+
+    frame_id: str
+    x: float
+    y: float
+    radius_m: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frame_id, str) or not self.frame_id:
+            raise StoreInputError(f"near frame_id: expected a non-empty frame name, got {self.frame_id!r}")
+        for name in ("x", "y", "radius_m"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v):
+                raise StoreInputError(f"near {name}: expected a finite number, got {v!r}")
+        if self.radius_m <= 0:
+            raise StoreInputError(f"near radius_m: expected > 0 metres, got {self.radius_m!r}")
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Limits that ``enforce_retention`` keeps the store within, oldest episodes (by stamp) going
+    first. 0 = no limit. ``max_bytes`` counts the database's used pages (the file shrinks to them with
+    incremental vacuum; the WAL adds at most ``WAL_SIZE_LIMIT`` past a checkpoint). Passes run when a
+    limit is exceeded and delete down to ``low_water`` of it, so that a store at its budget does not
+    pay a deletion with every episode. ``thin_interval_s`` > 0: before deleting the oldest, drop
+    episodes recorded within that many seconds of the episode kept before them while the scene did not
+    change (embedding cosine ≥ ``thin_min_cosine``), oldest first: a robot parked for an hour keeps one
+    episode per interval instead of losing its oldest days."""
+
+    max_bytes: int = 0
+    max_count: int = 0
+    max_age_s: float = 0.0
+    thin_interval_s: float = 0.0
+    thin_min_cosine: float = 0.98
+    low_water: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_count"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise StoreInputError(f"retention {name}: expected an int ≥ 0 (0 = no limit), got {v!r}")
+        for name in ("max_age_s", "thin_interval_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                raise StoreInputError(f"retention {name}: expected a number ≥ 0 (0 = off), got {v!r}")
+        if not -1.0 <= self.thin_min_cosine <= 1.0:
+            raise StoreInputError(f"retention thin_min_cosine: expected a cosine in [-1, 1], got {self.thin_min_cosine!r}")
+        if not 0.0 < self.low_water <= 1.0:
+            raise StoreInputError(f"retention low_water: expected a fraction in (0, 1], got {self.low_water!r}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_bytes or self.max_count or self.max_age_s)
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    deleted: int        # episodes deleted by this pass
+    thinned: int        # of which by thinning
+    bytes_used: int     # the database's used bytes after the pass
+    count: int          # episodes left
 
 
 @dataclass(frozen=True)
@@ -195,7 +279,8 @@ class EpisodeStoreAPI(Protocol):
     @property
     def where(self) -> str: ...
     def add_episode(self, stamp_ns: int, caption: str, source: str, embedding: np.ndarray,
-                    thumbnail_jpeg: bytes = b"", memory_state: dict[str, np.ndarray] | None = None) -> int | None: ...
+                    thumbnail_jpeg: bytes = b"", memory_state: dict[str, np.ndarray] | None = None,
+                    pose: Pose | None = None) -> int | None: ...
     def put_memory_state(self, state: dict[str, np.ndarray]) -> None: ...
     def memory_state(self) -> dict[str, np.ndarray] | None: ...
     def clear(self) -> None: ...
@@ -211,8 +296,14 @@ class EpisodeStoreAPI(Protocol):
     def lexical_search(self, text: str, limit: int, start_ns: int | None = None,
                        end_ns: int | None = None) -> list[tuple[int, float]]: ...
     def search(self, text: str | None = None, embedding: np.ndarray | None = None, k: int = 5,
-               start_ns: int | None = None, end_ns: int | None = None, robot_scope: str | None = None) -> list[Hit]: ...
+               start_ns: int | None = None, end_ns: int | None = None, robot_scope: str | None = None,
+               near: SpatialFilter | None = None) -> list[Hit]: ...
     def integrity_check(self) -> list[str]: ...
+    def forget(self, ids: Sequence[int] | None = None, start_ns: int | None = None, end_ns: int | None = None,
+               caption_contains: str | None = None) -> list[int]: ...
+    def bytes_used(self) -> int: ...
+    def enforce_retention(self, policy: RetentionPolicy, now_ns: int | None = None) -> RetentionReport: ...
+    def compact(self) -> None: ...
 
 
 def make_thumbnail(rgb: np.ndarray, max_side: int = 96, quality: int = 80) -> bytes:
@@ -240,7 +331,10 @@ def make_thumbnail(rgb: np.ndarray, max_side: int = 96, quality: int = 80) -> by
 
 
 class _EmbeddingIndex:
-    """Unit-normalised embeddings, ids and stamps of every committed episode, in id order."""
+    """Unit-normalised embeddings, ids, stamps and planar positions (NaN without a pose; ``frames``
+    indexes ``frame_names``, -1 without a pose) of every committed episode, in id order."""
+
+    _ARRAYS = ("unit", "ids", "stamps", "xy", "frames")
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -248,6 +342,9 @@ class _EmbeddingIndex:
         self.unit = np.zeros((0, dim), np.float32)
         self.ids = np.zeros(0, np.int64)
         self.stamps = np.zeros(0, np.int64)
+        self.xy = np.zeros((0, 2), np.float64)
+        self.frames = np.zeros(0, np.int32)
+        self.frame_names: dict[str, int] = {}
 
     def reserve(self, extra: int) -> None:
         # Grown before a transaction so that recording a committed episode cannot fail.
@@ -255,15 +352,35 @@ class _EmbeddingIndex:
         if need <= len(self.ids):
             return
         cap = max(need, 2 * len(self.ids), 64)
-        unit = np.zeros((cap, self.dim), np.float32)
-        ids = np.zeros(cap, np.int64)
-        stamps = np.zeros(cap, np.int64)
-        unit[: self.n], ids[: self.n], stamps[: self.n] = self.unit[: self.n], self.ids[: self.n], self.stamps[: self.n]
-        self.unit, self.ids, self.stamps = unit, ids, stamps
+        for name in self._ARRAYS:
+            old = getattr(self, name)
+            new = np.zeros((cap,) + old.shape[1:], old.dtype)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
 
-    def append(self, episode_id: int, stamp_ns: int, unit: np.ndarray) -> None:
+    def append(self, episode_id: int, stamp_ns: int, unit: np.ndarray, pose: "Pose | None" = None) -> None:
         self.unit[self.n], self.ids[self.n], self.stamps[self.n] = unit, episode_id, stamp_ns
+        if pose is None:
+            self.xy[self.n], self.frames[self.n] = np.nan, -1
+        else:
+            self.xy[self.n] = pose.position[:2]
+            self.frames[self.n] = self.frame_names.setdefault(pose.frame_id, len(self.frame_names))
         self.n += 1
+
+    def remove(self, ids: Sequence[int]) -> None:
+        """Drop these episodes (after the transaction that deleted them committed)."""
+        keep = ~np.isin(self.ids[: self.n], np.asarray(list(ids), np.int64))
+        for name in self._ARRAYS:
+            setattr(self, name, np.ascontiguousarray(getattr(self, name)[: self.n][keep]))
+        self.n = int(keep.sum())
+
+    def near(self, spatial: "SpatialFilter") -> np.ndarray:
+        """Mask over the first n rows: recorded within the filter's radius in its frame."""
+        f = self.frame_names.get(spatial.frame_id)
+        if f is None:
+            return np.zeros(self.n, bool)
+        d2 = (self.xy[: self.n, 0] - spatial.x) ** 2 + (self.xy[: self.n, 1] - spatial.y) ** 2
+        return (self.frames[: self.n] == f) & (d2 <= spatial.radius_m ** 2)
 
     def reset(self) -> None:
         self.__init__(self.dim)
@@ -339,6 +456,8 @@ class EpisodeStore:
             os.close(fd)
         conn = cls._connect(path)
         try:
+            # Before the first table: freed pages (retention, forget) can then go back to the disk.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("BEGIN IMMEDIATE")
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] != 0:
                 # Another process initialised it between our check and now: validate instead.
@@ -361,6 +480,8 @@ class EpisodeStore:
                     ("search_synonyms", json.dumps([list(g) for g in groups])),
                 ])
                 conn.execute("COMMIT")
+                if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                    conn.execute("VACUUM")  # WAL mode wrote the header first: the new mode needs a rebuild (empty: instant)
         except sqlite3.Error as e:
             conn.close()
             raise StoreWriteError(f"cannot initialise the episode store at {path}: {e}") from e
@@ -382,6 +503,7 @@ class EpisodeStore:
             if mode.lower() != "wal":
                 raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {mode!r})")
             conn.execute("PRAGMA synchronous = FULL")  # a returned COMMIT survives power loss
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         except BaseException as e:
             conn.close()
             if isinstance(e, sqlite3.Error):
@@ -412,7 +534,7 @@ class EpisodeStore:
         finally:
             conn.close()
         version = meta.get("schema_version")
-        if version == str(SCHEMA_VERSION) and not _TABLES_V2 <= tables:
+        if version in ("2", str(SCHEMA_VERSION)) and not _TABLES_V2 <= tables:
             raise StoreCorruptError(f"{path}: schema version {version} without its full-text index "
                                     f"(expected tables {sorted(_TABLES_V2)}, found {sorted(tables)})")
         if version != str(SCHEMA_VERSION) and version not in MIGRATABLE_VERSIONS:
@@ -433,9 +555,10 @@ class EpisodeStore:
         self._canonical = {w: g[0] for g in groups for w in g}
 
     def _prepare_text_index(self, groups: tuple[tuple[str, ...], ...] | None) -> None:
-        """Migrate a schema-1 store (index every caption already stored, then record version 2),
-        or re-index a store whose synonym groups differ from ``groups``; one transaction either
-        way, so a failure leaves the store as it was. ``groups`` None keeps the store's own."""
+        """Migrate an older store (schema 1: index every caption already stored; 1 and 2: add the
+        pose columns, every old episode without a pose), or re-index a store whose synonym groups
+        differ from ``groups``; one transaction either way, so a failure leaves the store as it was.
+        ``groups`` None keeps the store's own."""
         conn = self._require_open()
 
         def state() -> tuple[str, tuple[tuple[str, ...], ...]]:
@@ -457,15 +580,21 @@ class EpisodeStore:
             version, stored = state()
             if version == str(SCHEMA_VERSION) and stored == wanted:
                 return
-            if version == str(SCHEMA_VERSION):
+            if version in ("1", "2"):
+                for column in _POSE_COLUMNS:
+                    conn.execute(f"ALTER TABLE episodes ADD COLUMN {column}")
+            if version != "1" and stored == wanted:
+                pass  # the index is right as it is
+            elif version != "1":
                 conn.execute("DELETE FROM episodes_fts")
             else:
                 for sql in _FTS_SCHEMA:
                     conn.execute(sql)
-            canonical = {w: g[0] for g in wanted for w in g}
-            rows = conn.execute("SELECT id, caption FROM episodes").fetchall()
-            conn.executemany("INSERT INTO episodes_fts (rowid, caption, canon) VALUES (?, ?, ?)",
-                             [(i, c, _normalise(c, canonical)) for i, c in rows])
+            if version == "1" or stored != wanted:
+                canonical = {w: g[0] for g in wanted for w in g}
+                rows = conn.execute("SELECT id, caption FROM episodes").fetchall()
+                conn.executemany("INSERT INTO episodes_fts (rowid, caption, canon) VALUES (?, ?, ?)",
+                                 [(i, c, _normalise(c, canonical)) for i, c in rows])
             conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [
                 ("schema_version", str(SCHEMA_VERSION)), ("search_synonyms", json.dumps([list(g) for g in wanted]))])
 
@@ -480,16 +609,16 @@ class EpisodeStore:
             conn = self._require_open()
             index = _EmbeddingIndex(self.embedding_dim)
             try:
-                rows = conn.execute("SELECT id, stamp_ns, embedding FROM episodes ORDER BY id").fetchall()
+                rows = conn.execute(f"SELECT id, stamp_ns, embedding, {_POSE_SELECT} FROM episodes ORDER BY id").fetchall()
             except sqlite3.DatabaseError as e:
                 raise StoreCorruptError(f"{self.path}: episodes unreadable: {e}") from e
             index.reserve(len(rows))
-            for episode_id, stamp_ns, blob in rows:
+            for episode_id, stamp_ns, blob, *pose in rows:
                 emb = self._decode_embedding(episode_id, blob)
                 norm = float(np.linalg.norm(emb))
                 if not np.isfinite(emb).all() or norm == 0.0:
                     raise StoreCorruptError(f"{self.path}: episode {episode_id} has a non-finite or zero embedding")
-                index.append(episode_id, stamp_ns, emb / norm)
+                index.append(episode_id, stamp_ns, emb / norm, self._decode_pose(episode_id, pose))
             self._index = index
 
     # ------------------------------------------------------------------ reading beside a writer
@@ -534,21 +663,22 @@ class EpisodeStore:
             n = self._index.n
             last = int(self._index.ids[n - 1]) if n else 0
             rows = self._read(lambda: conn.execute(
-                "SELECT id, stamp_ns, embedding FROM episodes WHERE id > ? ORDER BY id", (last,)).fetchall())
+                f"SELECT id, stamp_ns, embedding, {_POSE_SELECT} FROM episodes WHERE id > ? ORDER BY id",
+                (last,)).fetchall())
             total = self._read(lambda: conn.execute("SELECT count(*) FROM episodes").fetchone()[0])
             if total != n + len(rows):  # episodes went (a clear), or more came between the two reads
                 self._load_index()
                 return self._index.n
             units = []
-            for episode_id, stamp_ns, blob in rows:
+            for episode_id, stamp_ns, blob, *pose in rows:
                 emb = self._decode_embedding(episode_id, blob)
                 norm = float(np.linalg.norm(emb))
                 if not np.isfinite(emb).all() or norm == 0.0:
                     raise StoreCorruptError(f"{self.path}: episode {episode_id} has a non-finite or zero embedding")
-                units.append((episode_id, stamp_ns, emb / norm))
+                units.append((episode_id, stamp_ns, emb / norm, self._decode_pose(episode_id, pose)))
             self._index.reserve(len(units))
-            for episode_id, stamp_ns, unit in units:
-                self._index.append(episode_id, stamp_ns, unit)
+            for episode_id, stamp_ns, unit, pose in units:
+                self._index.append(episode_id, stamp_ns, unit, pose)
             return self._index.n
 
     @contextmanager
@@ -570,8 +700,9 @@ class EpisodeStore:
     # ------------------------------------------------------------------ writing
     def add_episode(self, stamp_ns: int, caption: str, source: str, embedding: np.ndarray,
                     thumbnail_jpeg: bytes = b"",
-                    memory_state: dict[str, np.ndarray] | None = None) -> int:
-        """Store one episode, and the memory state its write produced, in one transaction.
+                    memory_state: dict[str, np.ndarray] | None = None, pose: Pose | None = None) -> int:
+        """Store one episode (with the ``pose`` it was recorded at, if known), and the memory state
+        its write produced, in one transaction.
 
         Returns the new episode id. Raises ``StoreInputError`` for bad arguments and
         ``StoreWriteError`` if the write fails (then nothing of this call is stored).
@@ -584,6 +715,7 @@ class EpisodeStore:
                 f"'caption' or 'description', got {source!r}")
         emb, unit = self._check_embedding("embedding", embedding)
         thumb = _check_thumbnail(thumbnail_jpeg)
+        pose_row = _pose_row(pose)
         state_rows = _encode_state(memory_state) if memory_state is not None else None
 
         with self._lock:
@@ -592,9 +724,9 @@ class EpisodeStore:
 
             def write() -> int:
                 cur = conn.execute(
-                    "INSERT INTO episodes (stamp_ns, caption, source, embedding, thumbnail) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (int(stamp_ns), caption, source, emb.tobytes(), thumb))
+                    f"INSERT INTO episodes (stamp_ns, caption, source, embedding, thumbnail, {_POSE_SELECT}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (int(stamp_ns), caption, source, emb.tobytes(), thumb, *pose_row))
                 conn.execute("INSERT INTO episodes_fts (rowid, caption, canon) VALUES (?, ?, ?)",
                              (cur.lastrowid, caption, _normalise(caption, self._canonical)))
                 if state_rows is not None:
@@ -602,7 +734,7 @@ class EpisodeStore:
                 return int(cur.lastrowid)
 
             episode_id = self._transaction("add_episode", write)
-            self._index.append(episode_id, int(stamp_ns), unit)
+            self._index.append(episode_id, int(stamp_ns), unit, pose)
             return episode_id
 
     def put_memory_state(self, state: dict[str, np.ndarray]) -> None:
@@ -624,6 +756,164 @@ class EpisodeStore:
 
             self._transaction("clear", write)
             self._index.reset()
+
+    def forget(self, ids: Sequence[int] | None = None, start_ns: int | None = None, end_ns: int | None = None,
+               caption_contains: str | None = None) -> list[int]:
+        """Delete the episodes that meet every criterion given (ids among ``ids``; stamp within
+        [start_ns, end_ns]; caption containing ``caption_contains``, case-insensitive), with their
+        full-text entries, in one transaction per batch; returns the deleted ids. At least one
+        criterion is required (``clear`` forgets everything). The memory state is left as it is:
+        the model's memory matrix holds a superposition of every write, which no row deletion undoes."""
+        if ids is not None:
+            ids = list(ids)
+            bad = [i for i in ids if not _is_int(i) or i < 0]
+            if bad:
+                raise StoreInputError(f"ids: expected non-negative episode ids, got {bad[:5]!r}")
+        if caption_contains is not None and (not isinstance(caption_contains, str) or not caption_contains):
+            raise StoreInputError(f"caption_contains: expected a non-empty str or None, got {caption_contains!r}")
+        _check_window(start_ns, end_ns)
+        if ids is None and start_ns is None and end_ns is None and caption_contains is None:
+            raise StoreInputError("forget: expected ids, a time range or a caption match (clear() forgets everything)")
+        with self._lock:
+            self._require_open()
+            n = self._index.n
+            keep = np.ones(n, bool)
+            if ids is not None:
+                keep &= np.isin(self._index.ids[:n], np.asarray(ids, np.int64))
+            if start_ns is not None:
+                keep &= self._index.stamps[:n] >= int(start_ns)
+            if end_ns is not None:
+                keep &= self._index.stamps[:n] <= int(end_ns)
+            chosen = self._index.ids[:n][keep].tolist()
+            if caption_contains is not None and chosen:
+                conn = self._require_open()
+                needle = caption_contains.lower()
+                matching = []
+                for start in range(0, len(chosen), 500):
+                    chunk = chosen[start:start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    matching += [r[0] for r in self._read(lambda: conn.execute(
+                        f"SELECT id FROM episodes WHERE id IN ({marks}) AND instr(lower(caption), ?) > 0",
+                        [*chunk, needle]).fetchall())]
+                chosen = sorted(matching)
+            self._delete(chosen, "forget")
+            self.compact()
+            return [int(i) for i in chosen]
+
+    def bytes_used(self) -> int:
+        """Bytes of the database's pages in use (the file less its free pages)."""
+        with self._lock:
+            conn = self._require_open()
+            page_size, pages, free = self._read(lambda: (
+                conn.execute("PRAGMA page_size").fetchone()[0], conn.execute("PRAGMA page_count").fetchone()[0],
+                conn.execute("PRAGMA freelist_count").fetchone()[0]))
+            return int(page_size) * (int(pages) - int(free))
+
+    def enforce_retention(self, policy: RetentionPolicy, now_ns: int | None = None) -> RetentionReport:
+        """Delete episodes until the store is within ``policy`` (see ``RetentionPolicy``): first those
+        older than ``max_age_s`` before ``now_ns`` (default: the newest stamp), then, if a count or
+        byte limit is exceeded, thinned episodes and the oldest down to the limit's low water. Each
+        batch of ``RETENTION_BATCH`` deletions is one transaction with the full-text index, so a kill
+        at any moment leaves a consistent store that lost only episodes this pass chose. Ends with
+        ``compact()`` when anything was deleted. The newest episode is never deleted."""
+        if not isinstance(policy, RetentionPolicy):
+            raise StoreInputError(f"policy: expected a RetentionPolicy, got {type(policy).__name__}")
+        deleted = thinned = 0
+        with self._lock:
+            self._require_open()
+            n = self._index.n
+            if n == 0 or not policy.active:
+                return RetentionReport(0, 0, self.bytes_used() if policy.max_bytes else 0, n)
+            order = np.lexsort((self._index.ids[:n], self._index.stamps[:n]))  # oldest first
+            doomed: list[int] = []
+            if policy.max_age_s:
+                now = int(now_ns) if now_ns is not None else int(self._index.stamps[:n].max())
+                cutoff = now - int(policy.max_age_s * 1e9)
+                old = order[self._index.stamps[:n][order] < cutoff][: n - 1]
+                doomed = self._index.ids[:n][old].tolist()
+                if doomed:
+                    self._delete(doomed, "retention (age)")
+                    deleted += len(doomed)
+            excess = self._excess(policy)
+            if excess > 0 and policy.thin_interval_s > 0:
+                victims = self._thinnable(policy, excess)
+                self._delete(victims, "retention (thinning)")
+                deleted += len(victims)
+                thinned += len(victims)
+                excess = self._excess(policy)
+            while excess > 0 and self._index.n > 1:
+                n = self._index.n
+                order = np.lexsort((self._index.ids[:n], self._index.stamps[:n]))
+                victims = self._index.ids[:n][order[: min(excess, n - 1)]].tolist()
+                self._delete(victims, "retention (oldest)")
+                deleted += len(victims)
+                excess = self._excess(policy)
+            if deleted:
+                self.compact()
+            return RetentionReport(deleted, thinned, self.bytes_used(), self._index.n)
+
+    def _excess(self, policy: RetentionPolicy) -> int:
+        """How many more episodes to delete for ``policy``'s count and byte limits (0: within them).
+        Over a limit, the target is its low water; bytes are estimated from the mean episode size,
+        and the caller's loop measures again after each deletion."""
+        n = self._index.n
+        need = 0
+        if policy.max_count and n > policy.max_count:
+            need = n - int(policy.max_count * policy.low_water)
+        if policy.max_bytes and n:
+            used = self.bytes_used()
+            if used > policy.max_bytes:
+                per_episode = used / n
+                need = max(need, int(np.ceil((used - policy.low_water * policy.max_bytes) / per_episode)), 1)
+        return min(need, max(n - 1, 0))
+
+    def _thinnable(self, policy: RetentionPolicy, limit: int) -> list[int]:
+        """Oldest first, up to ``limit`` episodes recorded within ``thin_interval_s`` of the episode
+        kept before them with a cosine ≥ ``thin_min_cosine`` to it (the scene did not change)."""
+        n = self._index.n
+        order = np.lexsort((self._index.ids[:n], self._index.stamps[:n]))
+        interval = int(policy.thin_interval_s * 1e9)
+        stamps, unit, ids = self._index.stamps[:n], self._index.unit[:n], self._index.ids[:n]
+        victims: list[int] = []
+        kept = order[0]
+        for row in order[1:-1]:  # the newest stays
+            if stamps[row] - stamps[kept] < interval and float(unit[row] @ unit[kept]) >= policy.thin_min_cosine:
+                victims.append(int(ids[row]))
+                if len(victims) >= limit:
+                    break
+            else:
+                kept = row
+        return victims
+
+    def _delete(self, ids: list[int], what: str) -> None:
+        """Delete episodes and their index entries, ``RETENTION_BATCH`` per transaction; the RAM
+        index follows each commit."""
+        conn = self._require_open()
+        for start in range(0, len(ids), RETENTION_BATCH):
+            batch = ids[start:start + RETENTION_BATCH]
+
+            def write() -> None:
+                for i in range(0, len(batch), 500):
+                    chunk = batch[i:i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    conn.execute(f"DELETE FROM episodes WHERE id IN ({marks})", chunk)
+                    conn.execute(f"DELETE FROM episodes_fts WHERE rowid IN ({marks})", chunk)
+
+            self._transaction(what, write)
+            self._index.remove(batch)
+
+    def compact(self) -> None:
+        """Give freed pages back to the file system (incremental vacuum, where the store has it) and
+        fold the WAL into the database, cut back to ``WAL_SIZE_LIMIT``. A checkpoint that a reader
+        holds up is left for the next pass; nothing here can lose a committed episode."""
+        with self._lock:
+            conn = self._require_open()
+            try:
+                if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+                    conn.execute("PRAGMA incremental_vacuum").fetchall()
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as e:
+                raise StoreWriteError(f"compacting {self.path} failed: {e}") from e
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file and truncate it (the "save memory" service)."""
@@ -670,7 +960,7 @@ class EpisodeStore:
         with self._lock:
             conn = self._require_open()
             rows = self._read(lambda: conn.execute(
-                "SELECT id, stamp_ns, caption, source, embedding, thumbnail FROM episodes ORDER BY id").fetchall())
+                f"SELECT {_EPISODE_COLUMNS} FROM episodes ORDER BY id").fetchall())
             return [self._row_to_episode(r) for r in rows]
 
     def memory_state(self) -> dict[str, np.ndarray] | None:
@@ -705,7 +995,7 @@ class EpisodeStore:
         with self._lock:
             conn = self._require_open()
             rows = self._read(lambda: conn.execute(
-                "SELECT id, stamp_ns, caption, source, embedding, thumbnail FROM episodes"
+                f"SELECT {_EPISODE_COLUMNS} FROM episodes"
                 f" WHERE stamp_ns BETWEEN ? AND ? ORDER BY stamp_ns {order}, id {order} LIMIT ? OFFSET ?",
                 (*bounds, int(limit), int(offset))).fetchall())
             return [self._row_to_episode(r) for r in rows]
@@ -748,19 +1038,24 @@ class EpisodeStore:
         return self._lexical(text, int(limit), start_ns, end_ns)[0]
 
     def _lexical(self, text: str, limit: int, start_ns: int | None,
-                 end_ns: int | None) -> tuple[list[tuple[int, float]], int]:
+                 end_ns: int | None, near: SpatialFilter | None = None) -> tuple[list[tuple[int, float]], int]:
         """``lexical_search``, and how many of its first rows hold every word (see there)."""
         words = _query_words(text, self._canonical)
         if not words:
             return [], 0
         source, window, params = "episodes_fts", "", []
-        if start_ns is not None or end_ns is not None:
+        if start_ns is not None or end_ns is not None or near is not None:
             # The time window is the condition the embedding ranking applies. CROSS JOIN keeps the
             # index scan outside: probing FTS5 row by row from the stamp index is ~1000× slower.
             source = "episodes_fts CROSS JOIN episodes ON episodes.id = episodes_fts.rowid"
             window = " AND episodes.stamp_ns BETWEEN ? AND ?"
             params = [int(start_ns) if start_ns is not None else 0,
                       int(end_ns) if end_ns is not None else MAX_STAMP_NS]
+            if near is not None:  # the same condition as _EmbeddingIndex.near
+                window += (" AND episodes.pose_frame = ?"
+                           " AND (episodes.px - ?) * (episodes.px - ?) + (episodes.py - ?) * (episodes.py - ?) <= ?")
+                params += [near.frame_id, float(near.x), float(near.x), float(near.y), float(near.y),
+                           float(near.radius_m) ** 2]
         sql = (f"SELECT episodes_fts.rowid, -bm25(episodes_fts) FROM {source} WHERE episodes_fts MATCH ?{window}"
                " ORDER BY bm25(episodes_fts), episodes_fts.rowid DESC LIMIT ?")
         # Each word matches its synonym group (canon); as written (caption) it scores a second time.
@@ -797,8 +1092,11 @@ class EpisodeStore:
         return [(int(i), float(sc)) for i, sc in found], 0
 
     def search(self, text: str | None = None, embedding: np.ndarray | None = None, k: int = 5,
-               start_ns: int | None = None, end_ns: int | None = None, robot_scope: str | None = None) -> list[Hit]:
+               start_ns: int | None = None, end_ns: int | None = None, robot_scope: str | None = None,
+               near: SpatialFilter | None = None) -> list[Hit]:
         """Hybrid retrieval: the k best episodes for a text and/or a query embedding, best first.
+        ``near``: only episodes recorded within a radius of a point (``SpatialFilter``) compete, in
+        both rankings, as the time window does.
 
         Two rankings within the same time window: ``lexical_search(text)`` and cosine similarity
         to ``embedding`` (as ``query``), each cut at ``fusion_depth(k)``. The fusion rule:
@@ -816,10 +1114,12 @@ class EpisodeStore:
             raise StoreInputError("search: expected text, an embedding, or both")
         _check_k(k)
         _check_window(start_ns, end_ns)
+        if near is not None and not isinstance(near, SpatialFilter):
+            raise StoreInputError(f"near: expected a SpatialFilter or None, got {type(near).__name__}")
         depth = fusion_depth(k)
         with self._lock:
-            lexical, every = self._lexical(text, depth, start_ns, end_ns) if text else ([], 0)
-            emb_ids = self._embedding_ranking(q, depth, start_ns, end_ns)[0] if q is not None else []
+            lexical, every = self._lexical(text, depth, start_ns, end_ns, near) if text else ([], 0)
+            emb_ids = self._embedding_ranking(q, depth, start_ns, end_ns, near)[0] if q is not None else []
 
             def details(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 rows = np.searchsorted(self._index.ids[: self._index.n], ids)
@@ -888,7 +1188,7 @@ class EpisodeStore:
 
     # ------------------------------------------------------------------ internals
     def _embedding_ranking(self, q: np.ndarray, limit: int, start_ns: int | None,
-                           end_ns: int | None) -> tuple[np.ndarray, np.ndarray]:
+                           end_ns: int | None, near: SpatialFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, cosine scores) of the ``limit`` best episodes in the window for the unit vector q."""
         with self._lock:
             self._require_open()
@@ -896,8 +1196,8 @@ class EpisodeStore:
             ids = self._index.ids[:n]
             stamps = self._index.stamps[:n]
             scores = self._index.unit[:n] @ q
-            if start_ns is not None or end_ns is not None:
-                keep = np.ones(n, bool)
+            if start_ns is not None or end_ns is not None or near is not None:
+                keep = np.ones(n, bool) if near is None else self._index.near(near)
                 if start_ns is not None:
                     keep &= stamps >= start_ns
                 if end_ns is not None:
@@ -956,16 +1256,23 @@ class EpisodeStore:
                 chunk = ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
                 rows = self._read(lambda: conn.execute(
-                    f"SELECT id, stamp_ns, caption, source, embedding, thumbnail FROM episodes WHERE id IN ({marks})",
+                    f"SELECT {_EPISODE_COLUMNS} FROM episodes WHERE id IN ({marks})",
                     chunk).fetchall())
                 for r in rows:
                     found[r[0]] = self._row_to_episode(r)
         return found
 
     def _row_to_episode(self, row: tuple) -> Episode:
-        episode_id, stamp_ns, caption, source, blob, thumb = row
+        episode_id, stamp_ns, caption, source, blob, thumb, *pose = row
         emb = self._decode_embedding(episode_id, blob).copy()
-        return Episode(int(episode_id), int(stamp_ns), caption, source, emb, bytes(thumb))
+        return Episode(int(episode_id), int(stamp_ns), caption, source, emb, bytes(thumb),
+                       pose=self._decode_pose(episode_id, pose))
+
+    def _decode_pose(self, episode_id: int, columns: Sequence) -> Pose | None:
+        try:
+            return _pose_from_columns(columns)
+        except (PoseError, TypeError, ValueError) as e:
+            raise StoreCorruptError(f"{self.path}: episode {episode_id} has an unreadable pose: {e}") from e
 
     def _decode_embedding(self, episode_id: int, blob: bytes) -> np.ndarray:
         if not isinstance(blob, bytes) or len(blob) != 4 * self.embedding_dim:
@@ -984,6 +1291,22 @@ class EpisodeStore:
 
 
 # ---------------------------------------------------------------------- validation helpers
+def _pose_row(pose) -> tuple:
+    """The pose columns of an episode (all NULL without a pose)."""
+    if pose is None:
+        return (None,) * 8
+    if not isinstance(pose, Pose):
+        raise StoreInputError(f"pose: expected a bitmar_core.pose.Pose or None, got {type(pose).__name__}")
+    return (pose.frame_id, *pose.position, *pose.orientation)
+
+
+def _pose_from_columns(columns: Sequence) -> Pose | None:
+    frame, *numbers = columns
+    if frame is None:
+        return None
+    return Pose(frame, tuple(numbers[:3]), tuple(numbers[3:]))
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 

@@ -17,6 +17,9 @@ be creatable by it):
   generated ``to_tsvector('english', caption || ' ' || canon)`` under a GIN index: a query word
   matches its group through ``canon`` and scores again where written as such.
 - ``bitmar_memory_state(robot_id, name, dtype, shape, data)``: one robot's named tensors.
+- Schema version 3 adds the pose columns of the SQLite store (``pose_frame`` NULL = no pose, ``px`` ...
+  ``qw``); a version-2 database gains them on connect, its episodes without a pose. ``forget`` and
+  ``enforce_retention`` delete this robot's episodes only.
 
 Credentials come from the DSN or libpq's environment (``PGPASSWORD``, ``PGPASSFILE``); every message
 names the database by ``mask_dsn`` (password shown as ``***``), and no credential is stored.
@@ -35,10 +38,12 @@ import numpy as np
 
 from .store import (
     _F32_LE, _SOURCE_RE, _STATE_DTYPES, MAX_CAPTION_BYTES, MAX_EMBEDDING_DIM, MAX_IDENTITY_BYTES, MAX_SOURCE_CHARS,
-    MAX_STAMP_NS, MAX_THUMBNAIL_BYTES, SCHEMA_VERSION, Episode, Hit, StoreClosedError, StoreCorruptError, StoreError,
+    MAX_STAMP_NS, MAX_THUMBNAIL_BYTES, SCHEMA_VERSION, _POSE_SELECT, Episode, Hit, RetentionPolicy, RetentionReport,
+    SpatialFilter, StoreClosedError, StoreCorruptError, StoreError,
     StoreInputError, StoreMismatchError, StoreNotFoundError, StoreVersionError, StoreWriteError, _check_embedding_array,
     _check_k, _check_stamp, _check_synonyms, _check_text, _check_thumbnail, _check_window, _encode_state, _is_int,
-    _normalise, _query_words, _state_row_problem, fuse_rankings, fusion_depth)
+    _normalise, _pose_from_columns, _pose_row, _query_words, _state_row_problem, fuse_rankings, fusion_depth)
+from .pose import Pose
 
 FLEET = "*"                      # robot_scope: every robot's episodes
 MAX_ROBOT_ID_CHARS = 256
@@ -72,6 +77,7 @@ class _Pending:
     thumbnail: bytes
     nbytes: int
     token: object           # the caller's, handed back to ``on_commit``
+    pose: tuple = (None,) * 8  # the pose columns (store._pose_row)
 
 
 class PgEpisodeStore:
@@ -181,6 +187,8 @@ class PgEpisodeStore:
                     " id bigserial PRIMARY KEY, robot_id text NOT NULL, stamp_ns bigint NOT NULL CHECK (stamp_ns >= 0),"
                     " caption text NOT NULL, canon text NOT NULL, source text NOT NULL, embedding bytea NOT NULL,"
                     f" vec vector({dim}) NOT NULL, thumbnail bytea NOT NULL,"
+                    " pose_frame text, px double precision, py double precision, pz double precision,"
+                    " qx double precision, qy double precision, qz double precision, qw double precision,"
                     " tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', caption || ' ' || canon)) STORED)",
                     "CREATE INDEX bitmar_episodes_robot_stamp ON bitmar_episodes (robot_id, stamp_ns)",
                     "CREATE INDEX bitmar_episodes_stamp ON bitmar_episodes (stamp_ns)",
@@ -196,6 +204,12 @@ class PgEpisodeStore:
                         ("schema_version", str(SCHEMA_VERSION)), ("embedding_dim", str(dim)),
                         ("identity", self.identity), ("search_synonyms", json.dumps([list(g) for g in groups or ()]))])
             meta = dict(conn.execute("SELECT key, value FROM bitmar_meta").fetchall())
+            if meta.get("schema_version") == "2":  # version 3 adds where each episode was recorded
+                for column in ("pose_frame text", *(f"{c} double precision" for c in ("px", "py", "pz", "qx", "qy",
+                                                                                      "qz", "qw"))):
+                    conn.execute(f"ALTER TABLE bitmar_episodes ADD COLUMN IF NOT EXISTS {column}")
+                conn.execute("UPDATE bitmar_meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                meta["schema_version"] = str(SCHEMA_VERSION)
             if meta.get("schema_version") != str(SCHEMA_VERSION):
                 raise StoreVersionError(f"{self.where}: schema_version is {meta.get('schema_version')!r}, this code "
                                         f"reads {SCHEMA_VERSION}; left untouched")
@@ -273,7 +287,7 @@ class PgEpisodeStore:
     # ------------------------------------------------------------------ writing
     def add_episode(self, stamp_ns: int, caption: str, source: str, embedding: np.ndarray,
                     thumbnail_jpeg: bytes = b"", memory_state: dict[str, np.ndarray] | None = None,
-                    token: object = None) -> int | None:
+                    token: object = None, pose: Pose | None = None) -> int | None:
         """Store one episode of this robot, and the memory state its write produced, in one
         transaction; returns the new id once committed.
 
@@ -293,7 +307,7 @@ class PgEpisodeStore:
         thumb = _check_thumbnail(thumbnail_jpeg)
         state_rows = _encode_state(memory_state) if memory_state is not None else None
         item = _Pending(int(stamp_ns), caption, source, emb, unit, thumb,
-                        len(caption.encode()) + len(thumb) + 2 * emb.nbytes + 64, token)
+                        len(caption.encode()) + len(thumb) + 2 * emb.nbytes + 64, token, _pose_row(pose))
         with self._lock:
             if self._closed:
                 raise StoreClosedError(f"episode store {self.where} is closed")
@@ -310,10 +324,11 @@ class PgEpisodeStore:
             ids = []
             for it in items:
                 ids.append(conn.execute(
-                    "INSERT INTO bitmar_episodes (robot_id, stamp_ns, caption, canon, source, embedding, vec, thumbnail)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s::vector, %s) RETURNING id",
+                    "INSERT INTO bitmar_episodes (robot_id, stamp_ns, caption, canon, source, embedding, vec, thumbnail,"
+                    f" {_POSE_SELECT}) VALUES (%s, %s, %s, %s, %s, %s, %s::vector, %s,"
+                    " %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                     (self.robot_id, it.stamp_ns, it.caption, _normalise(it.caption, self._canonical), it.source,
-                     it.embedding.tobytes(), _vector_text(it.unit), it.thumbnail)).fetchone()[0])
+                     it.embedding.tobytes(), _vector_text(it.unit), it.thumbnail, *it.pose)).fetchone()[0])
             if state_rows is not None:
                 self._replace_state(conn, state_rows)
             return ids
@@ -417,6 +432,97 @@ class PgEpisodeStore:
             self._pending.clear()
             self._pending_bytes, self._pending_state, self._count_cache = 0, None, 0
 
+    def forget(self, ids=None, start_ns: int | None = None, end_ns: int | None = None,
+               caption_contains: str | None = None) -> list[int]:
+        """Delete this robot's episodes that meet every criterion given (as ``EpisodeStore.forget``),
+        in one transaction; returns the deleted ids. Other robots' episodes are never deleted."""
+        if ids is not None:
+            ids = [int(i) for i in ids] if all(_is_int(i) and i >= 0 for i in ids) else None
+            if ids is None:
+                raise StoreInputError("ids: expected non-negative episode ids")
+        if caption_contains is not None and (not isinstance(caption_contains, str) or not caption_contains):
+            raise StoreInputError(f"caption_contains: expected a non-empty str or None, got {caption_contains!r}")
+        _check_window(start_ns, end_ns)
+        if ids is None and start_ns is None and end_ns is None and caption_contains is None:
+            raise StoreInputError("forget: expected ids, a time range or a caption match (clear() forgets everything)")
+        cond, params = "robot_id = %s AND stamp_ns BETWEEN %s AND %s", [self.robot_id, *_bounds(start_ns, end_ns)]
+        if ids is not None:
+            cond, params = cond + " AND id = ANY(%s)", [*params, ids]
+        if caption_contains is not None:
+            cond, params = cond + " AND strpos(lower(caption), %s) > 0", [*params, caption_contains.lower()]
+        with self._lock:
+            gone = self._transaction("forget", lambda c: c.execute(
+                f"DELETE FROM bitmar_episodes WHERE {cond} RETURNING id", params).fetchall())
+            self._count_cache = max(0, self._count_cache - len(gone))
+        return sorted(int(r[0]) for r in gone)
+
+    def bytes_used(self) -> int:
+        """Bytes of this robot's episode rows (their columns' stored sizes; the table's indexes and
+        PostgreSQL's free space are the database's, shared by the fleet)."""
+        return int(self._read("bytes_used", lambda c: c.execute(
+            "SELECT coalesce(sum(pg_column_size(e.*)), 0) FROM bitmar_episodes e WHERE robot_id = %s",
+            (self.robot_id,)).fetchone()[0]))
+
+    def enforce_retention(self, policy: RetentionPolicy, now_ns: int | None = None) -> RetentionReport:
+        """Keep this robot's episodes within ``policy`` (``EpisodeStore.enforce_retention``'s rule:
+        age, then thinning, then oldest first, to the low water; the newest is kept), one transaction
+        per pass. ``max_bytes`` counts this robot's rows (``bytes_used``); PostgreSQL's autovacuum
+        reclaims the space."""
+        if not isinstance(policy, RetentionPolicy):
+            raise StoreInputError(f"policy: expected a RetentionPolicy, got {type(policy).__name__}")
+        if not policy.active:
+            return RetentionReport(0, 0, 0, self.count())
+
+        def body(conn) -> tuple[int, int]:
+            rows = conn.execute("SELECT id, stamp_ns, vec::text FROM bitmar_episodes WHERE robot_id = %s"
+                                " ORDER BY stamp_ns, id", (self.robot_id,)).fetchall()
+            if not rows:
+                return 0, 0
+            ids = [int(r[0]) for r in rows]
+            stamps = np.array([r[1] for r in rows], np.int64)
+            doomed: list[int] = []
+            keep_from = 0
+            if policy.max_age_s:
+                now = int(now_ns) if now_ns is not None else int(stamps.max())
+                keep_from = min(int(np.searchsorted(stamps, now - int(policy.max_age_s * 1e9))), len(ids) - 1)
+                doomed += ids[:keep_from]
+            n = len(ids) - keep_from
+            need = n - int(policy.max_count * policy.low_water) if policy.max_count and n > policy.max_count else 0
+            if policy.max_bytes:
+                used = conn.execute("SELECT coalesce(sum(pg_column_size(e.*)), 0) FROM bitmar_episodes e"
+                                    " WHERE robot_id = %s AND id <> ALL(%s)", (self.robot_id, doomed)).fetchone()[0]
+                if used > policy.max_bytes and n:
+                    need = max(need, int(np.ceil((used - policy.low_water * policy.max_bytes) / (used / n))))
+            need = min(need, n - 1)
+            thinned = 0
+            if need > 0 and policy.thin_interval_s > 0:
+                unit = np.array([np.array(r[2].strip("[]").split(","), np.float32) for r in rows[keep_from:]])
+                interval, kept = int(policy.thin_interval_s * 1e9), 0
+                for j in range(1, n - 1):
+                    if stamps[keep_from + j] - stamps[keep_from + kept] < interval and \
+                            float(unit[j] @ unit[kept]) >= policy.thin_min_cosine:
+                        doomed.append(ids[keep_from + j])
+                        thinned += 1
+                        if thinned >= need:
+                            break
+                    else:
+                        kept = j
+                need -= thinned
+            if need > 0:
+                gone = set(doomed)
+                doomed += [i for i in ids[keep_from:-1] if i not in gone][:need]
+            if doomed:
+                conn.execute("DELETE FROM bitmar_episodes WHERE robot_id = %s AND id = ANY(%s)", (self.robot_id, doomed))
+            return len(doomed), thinned
+
+        with self._lock:
+            deleted, thinned = self._transaction("retention", body)
+            self._count_cache = max(0, self._count_cache - deleted)
+        return RetentionReport(deleted, thinned, self.bytes_used() if policy.max_bytes else 0, self.count())
+
+    def compact(self) -> None:
+        """Nothing to do by hand: PostgreSQL's autovacuum reclaims deleted rows."""
+
     def checkpoint(self) -> None:
         """Nothing to fold: a committed PostgreSQL transaction is durable. Writes the buffer if any."""
         with self._lock:
@@ -476,16 +582,20 @@ class PgEpisodeStore:
         return [r[0] for r in self._read("robots", lambda c: c.execute(
             "SELECT DISTINCT robot_id FROM bitmar_episodes ORDER BY 1").fetchall())]
 
-    _COLUMNS = "id, stamp_ns, caption, source, embedding, thumbnail, robot_id"
+    _COLUMNS = f"id, stamp_ns, caption, source, embedding, thumbnail, robot_id, {_POSE_SELECT}"
 
     def _row_to_episode(self, row) -> Episode:
-        episode_id, stamp_ns, caption, source, blob, thumb, robot = row
+        episode_id, stamp_ns, caption, source, blob, thumb, robot, *pose = row
         blob = bytes(blob)
         if len(blob) != 4 * self.embedding_dim:
             raise StoreCorruptError(f"{self.where}: episode {episode_id} embedding is {len(blob)} bytes, "
                                     f"expected {4 * self.embedding_dim}")
         emb = np.frombuffer(blob, dtype=_F32_LE).astype(np.float32)
-        return Episode(int(episode_id), int(stamp_ns), caption, source, emb, bytes(thumb), robot)
+        try:
+            where = _pose_from_columns(pose)
+        except (ValueError, TypeError) as e:
+            raise StoreCorruptError(f"{self.where}: episode {episode_id} has an unreadable pose: {e}") from None
+        return Episode(int(episode_id), int(stamp_ns), caption, source, emb, bytes(thumb), robot, where)
 
     def _fetch(self, ids: list[int]) -> dict[int, Episode]:
         if not ids:
@@ -544,14 +654,15 @@ class PgEpisodeStore:
         return [self._row_to_episode(r) for r in rows]
 
     def _embedding_ranking(self, q: np.ndarray, limit: int, start_ns, end_ns, robot_scope,
-                           exact: bool | None) -> list[tuple[int, float]]:
+                           exact: bool | None, near: SpatialFilter | None = None) -> list[tuple[int, float]]:
         """(id, cosine) of the ``limit`` best episodes in window and scope: an exact scan (ties: newer
         first), or pgvector's HNSW index when the table is large (``ann_min_episodes``) or ``exact`` is
         False. A filtered HNSW scan that finds fewer than ``limit`` falls back to the exact scan."""
         where, params = self._scope(robot_scope)
         vec = _vector_text(q)
-        cond = f"{where} AND stamp_ns BETWEEN %s AND %s"
-        params = [*params, *_bounds(start_ns, end_ns)]
+        near_sql, near_params = _near(near)
+        cond = f"{where} AND stamp_ns BETWEEN %s AND %s{near_sql}"
+        params = [*params, *_bounds(start_ns, end_ns), *near_params]
 
         def run(conn) -> list[tuple[int, float]]:
             use_ann = not exact if exact is not None else conn.execute(
@@ -594,11 +705,13 @@ class PgEpisodeStore:
         _check_window(start_ns, end_ns)
         return self._lexical(text, int(limit), start_ns, end_ns, robot_scope)[0]
 
-    def _lexical(self, text, limit, start_ns, end_ns, robot_scope) -> tuple[list[tuple[int, float]], int]:
+    def _lexical(self, text, limit, start_ns, end_ns, robot_scope,
+                 near: SpatialFilter | None = None) -> tuple[list[tuple[int, float]], int]:
         words = _query_words(text, self._canonical)
         if not words:
             return [], 0
         where, scope_params = self._scope(robot_scope)
+        near_sql, near_params = _near(near)
 
         def term(w: tuple[str, str]) -> tuple[str, list]:
             # A word matches its synonym group (canon) and, as written, scores a second time.
@@ -614,8 +727,8 @@ class PgEpisodeStore:
             expr, args = combine(ws, op)
             rows = conn.execute(
                 f"SELECT id, ts_rank(tsv, q, 1) AS r FROM bitmar_episodes, ({'SELECT ' + expr}) AS t(q)"
-                f" WHERE tsv @@ q AND {where} AND stamp_ns BETWEEN %s AND %s ORDER BY r DESC, id DESC LIMIT %s",
-                [*args, *scope_params, *_bounds(start_ns, end_ns), limit]).fetchall()
+                f" WHERE tsv @@ q AND {where} AND stamp_ns BETWEEN %s AND %s{near_sql} ORDER BY r DESC, id DESC LIMIT %s",
+                [*args, *scope_params, *_bounds(start_ns, end_ns), *near_params, limit]).fetchall()
             return [(int(i), float(r)) for i, r in rows]
 
         def holders(conn, w, n: int) -> int:
@@ -640,9 +753,9 @@ class PgEpisodeStore:
 
     def search(self, text: str | None = None, embedding: np.ndarray | None = None, k: int = 5,
                start_ns: int | None = None, end_ns: int | None = None, robot_scope: str | None = None,
-               exact: bool | None = None) -> list[Hit]:
+               exact: bool | None = None, near: SpatialFilter | None = None) -> list[Hit]:
         """Hybrid retrieval, fused as ``EpisodeStore.search`` (``fuse_rankings``): full-text (ts_rank)
-        and pgvector cosine, each cut at ``fusion_depth(k)``, within window and scope."""
+        and pgvector cosine, each cut at ``fusion_depth(k)``, within window, scope and ``near``."""
         if text is not None and not isinstance(text, str):
             raise StoreInputError(f"text: expected a str or None, got {type(text).__name__}")
         q = _check_embedding_array("embedding", embedding, self.embedding_dim)[1] if embedding is not None else None
@@ -652,8 +765,10 @@ class PgEpisodeStore:
         _check_window(start_ns, end_ns)
         self._scope(robot_scope)
         depth = fusion_depth(k)
-        lexical, every = self._lexical(text, depth, start_ns, end_ns, robot_scope) if text else ([], 0)
-        emb = self._embedding_ranking(q, depth, start_ns, end_ns, robot_scope, exact) if q is not None else []
+        if near is not None and not isinstance(near, SpatialFilter):
+            raise StoreInputError(f"near: expected a SpatialFilter or None, got {type(near).__name__}")
+        lexical, every = self._lexical(text, depth, start_ns, end_ns, robot_scope, near) if text else ([], 0)
+        emb = self._embedding_ranking(q, depth, start_ns, end_ns, robot_scope, exact, near) if q is not None else []
 
         def details(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             rows = self._read("search", lambda c: c.execute(
@@ -705,6 +820,14 @@ class PgEpisodeStore:
 
         self._read("integrity_check", body)
         return problems
+
+
+def _near(near: SpatialFilter | None) -> tuple[str, list]:
+    """SQL condition of a spatial filter (the SQLite store's rule: planar distance in one frame)."""
+    if near is None:
+        return "", []
+    return (" AND pose_frame = %s AND (px - %s) * (px - %s) + (py - %s) * (py - %s) <= %s",
+            [near.frame_id, float(near.x), float(near.x), float(near.y), float(near.y), float(near.radius_m) ** 2])
 
 
 def _bounds(start_ns, end_ns) -> tuple[int, int]:

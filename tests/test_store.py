@@ -648,6 +648,7 @@ def test_store_written_by_schema_1_code_is_migrated_on_open(tmp_path):
     conn.close()
     with EpisodeStore.open(directory, DIM, IDENTITY, create=False) as s:
         assert [e.caption for e in s.all_episodes()] == V1_CAPTIONS
+        assert all(e.pose is None for e in s.all_episodes())
         assert s.integrity_check() == []
         for word, expected in [("cats", 1), ("CIRCLE", 2), ("coffee", 3), ("stop", 4), ("disks", 5),
                                ("launch", 6), ("café", 8)]:
@@ -656,11 +657,13 @@ def test_store_written_by_schema_1_code_is_migrated_on_open(tmp_path):
         new = s.add_episode(2_000, "a purple cat", "caption", np.ones(DIM, np.float32))
         assert {i for i, _ in s.lexical_search("cat", 10)} == {1, new}
     conn = sqlite3.connect(directory / store_mod.DB_FILENAME)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
-    assert conn.execute("SELECT * FROM episodes WHERE id <= 8 ORDER BY id").fetchall() == old_rows
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert conn.execute("SELECT id, stamp_ns, caption, source, embedding, thumbnail FROM episodes WHERE id <= 8"
+                        " ORDER BY id").fetchall() == old_rows
+    assert conn.execute("SELECT count(*) FROM episodes WHERE pose_frame IS NOT NULL").fetchone() == (0,)
     assert conn.execute("SELECT * FROM memory_state ORDER BY name").fetchall() == old_state
     conn.close()
-    with EpisodeStore.open(directory, DIM, IDENTITY) as s:  # migrated once; opens as version 2
+    with EpisodeStore.open(directory, DIM, IDENTITY) as s:  # migrated once; opens as version 3
         assert s.count() == 9 and s.integrity_check() == []
 
 
@@ -896,3 +899,115 @@ def test_captions_with_every_word_outrank_a_better_fused_score(store):
     assert got[1].score == pytest.approx(1 / 62)
     horse_hit = store.search("zebra", _unit(0), k=3)[2]
     assert horse_hit.episode.id == horse and horse_hit.score == pytest.approx(1 / 61)
+
+
+# ---------------------------------------------------------------------- poses (schema 3), forget, retention
+V2_FIXTURE = REPO / "tests" / "fixtures" / "store_v2" / "episodes.sqlite3"
+V2_CAPTIONS = ["A ginger tabby cat asleep on a sofa.", "Two red circles at the top.",
+               "A cup of coffee on the kitchen table."]
+
+
+def test_store_written_by_schema_2_code_migrates_to_poses_keeping_every_row(tmp_path):
+    """tests/fixtures/store_v2 was written by the store of commit ddbf824 (no pose columns)."""
+    from bitmar_core.pose import Pose
+
+    directory = tmp_path / "old"
+    directory.mkdir(mode=0o700)
+    db = directory / store_mod.DB_FILENAME
+    db.write_bytes(V2_FIXTURE.read_bytes())
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    old_rows = conn.execute("SELECT * FROM episodes ORDER BY id").fetchall()
+    old_fts = conn.execute("SELECT rowid, caption, canon FROM episodes_fts ORDER BY rowid").fetchall()
+    conn.close()
+    with EpisodeStore.open(directory, DIM, IDENTITY, create=False) as s:
+        episodes = s.all_episodes()
+        assert [e.caption for e in episodes] == V2_CAPTIONS and all(e.pose is None for e in episodes)
+        assert [e.thumbnail_jpeg for e in episodes] == [b"\xff\xd8jpeg" + bytes([i]) for i in range(3)]
+        assert int(s.memory_state()["n_writes"]) == 3
+        assert [i for i, _ in s.lexical_search("coffee", 5)] == [3]
+        new = s.add_episode(2_000, "a cat in the hall", "caption", np.ones(DIM, np.float32),
+                            pose=Pose("map", (1.0, 2.0, 0.0), (0.0, 0.0, 1.0, 0.0)))
+        assert s.episode(new).pose == Pose("map", (1.0, 2.0, 0.0), (0.0, 0.0, 1.0, 0.0))
+        assert s.integrity_check() == []
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert conn.execute("SELECT id, stamp_ns, caption, source, embedding, thumbnail FROM episodes WHERE id <= 3"
+                        " ORDER BY id").fetchall() == old_rows
+    assert conn.execute("SELECT rowid, caption, canon FROM episodes_fts WHERE rowid <= 3 ORDER BY rowid").fetchall() == old_fts
+    conn.close()
+
+
+def test_pose_round_trips_and_spatial_filter_matches_a_reference(store):
+    """Episodes on a line x = 0..19 in 'map' (odd ones without a pose, every fifth in 'odom'): a query
+    within 3.5 m of (10, 1) finds exactly those whose planar distance, computed here, is ≤ 3.5."""
+    from bitmar_core.pose import Pose
+    from bitmar_core.store import SpatialFilter
+
+    rng = np.random.default_rng(5)
+    poses, ids = {}, []
+    for i in range(20):
+        pose = None if i % 2 else Pose("odom" if i % 5 == 0 else "map", (float(i), 0.0, 1.2), (0, 0, np.sin(i / 4), np.cos(i / 4)))
+        eid = store.add_episode(1_000 + i, f"a red cube number {i}", "caption", _emb(rng), pose=pose)
+        poses[eid] = pose
+        ids.append(eid)
+    for eid, pose in poses.items():
+        got = store.episode(eid).pose
+        if pose is None:
+            assert got is None
+        else:
+            assert got.frame_id == pose.frame_id
+            assert np.allclose(got.position, pose.position) and np.allclose(got.orientation, pose.orientation)
+    expected = {eid for eid, p in poses.items()
+                if p is not None and p.frame_id == "map" and np.hypot(p.position[0] - 10, p.position[1] - 1) <= 3.5}
+    assert expected == {ids[8], ids[12]}  # x = 8 and 12 ((10, 14) lie in 'odom'; odd ones have no pose)
+    near = SpatialFilter("map", 10.0, 1.0, 3.5)
+    for kwargs in ({"text": "red cube"}, {"embedding": _emb(rng)}, {"text": "red cube", "embedding": _emb(rng)}):
+        hits = store.search(k=20, near=near, **kwargs)
+        assert {h.episode.id for h in hits} == expected, kwargs
+        assert all(h.episode.pose is not None for h in hits)
+    assert store.search("red cube", k=20, near=SpatialFilter("base_link", 10.0, 1.0, 3.5)) == []
+    # time and place together
+    assert {h.episode.id for h in store.search("red cube", k=20, near=near, end_ns=1_010)} == {ids[8]}
+    with pytest.raises(StoreInputError, match="radius_m"):
+        SpatialFilter("map", 0.0, 0.0, 0.0)
+    with pytest.raises(StoreInputError, match="pose"):
+        store.add_episode(1, "x", "caption", _emb(rng), pose=(1, 2, 3))
+
+
+def test_forget_by_ids_time_and_caption_keeps_the_rest(store):
+    rng = np.random.default_rng(6)
+    ids = [store.add_episode(1_000 + i, c, "caption", _emb(rng)) for i, c in enumerate(
+        ["a red cube", "a Blue ball", "a red ball", "a green cube", "a blue cube", "a red cone"])]
+    with pytest.raises(StoreInputError, match="forget"):
+        store.forget()
+    assert store.forget(caption_contains="BLUE") == [ids[1], ids[4]]
+    assert store.forget(ids=[ids[0], ids[3], 999_999], start_ns=1_003) == [ids[3]]
+    assert store.forget(start_ns=1_004, end_ns=1_005, caption_contains="red") == [ids[5]]
+    assert [e.id for e in store.all_episodes()] == [ids[0], ids[2]]
+    assert {h.episode.id for h in store.search("red", k=10)} == {ids[0], ids[2]}
+    assert store.search("blue", k=10) == []
+    assert store.integrity_check() == []
+
+
+def test_retention_by_count_age_and_thinning(store):
+    from bitmar_core.store import RetentionPolicy
+
+    rng = np.random.default_rng(7)
+    same = _emb(rng)
+    ids = []
+    # 10 s apart; the 20 first episodes show one scene (the same embedding), the next 20 each another.
+    for i in range(40):
+        ids.append(store.add_episode(i * 10**10, f"episode {i}", "caption", same if i < 20 else _emb(rng)))
+    report = store.enforce_retention(RetentionPolicy(max_age_s=350.0))  # newest at 390 s: < 40 s goes
+    assert report.deleted == 4 and [e.id for e in store.all_episodes()] == ids[4:]
+    # thinning: one episode per 30 s of the unchanged scene; 36 left, limit 30 → to 27 (low water 0.9)
+    report = store.enforce_retention(RetentionPolicy(max_count=30, thin_interval_s=30.0))
+    assert report.thinned == 9 and report.deleted == 9 and report.count == 27
+    kept = [e.id for e in store.all_episodes()]
+    # ids[4] (40 s) kept; ids[5], ids[6] less than 30 s after it go; ids[7] (70 s) kept; ... ids[17] is the
+    # 9th thinned, so ids[18] stays; the changing scene (ids[20:]) is untouched.
+    assert kept == [ids[i] for i in (4, 7, 10, 13, 16, 18, 19)] + ids[20:]
+    report = store.enforce_retention(RetentionPolicy(max_count=10))
+    assert [e.id for e in store.all_episodes()] == ids[31:]  # oldest first, down to 9
+    assert store.integrity_check() == []
