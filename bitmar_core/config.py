@@ -89,6 +89,9 @@ class BitMarConfig:
     lm_weight: float = 1.0
     cm_weight: float = 1.5  # paper: prioritise cross-modal alignment
     mem_weight: float = 0.1  # paper: a light stabiliser
+    # Ours: an extra weight on the recall task's mean token loss. Its answers are ~5% of a batch's
+    # tokens, and only they need M_r, so pooled per token they barely steer the memory path.
+    recall_weight: float = 0.0
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -126,7 +129,7 @@ class BitMarConfig:
             fail("memory_forget_base" if self.memory_forget_base < 0 else "memory_forget_rate", "a rate >= 0")
         if self.memory_forget_base + self.memory_forget_rate >= 1.0:
             fail("memory_forget_rate", f"memory_forget_base + memory_forget_rate < 1 (a slot must not be wiped in one step)")
-        for name in ("lm_weight", "cm_weight", "mem_weight"):
+        for name in ("lm_weight", "cm_weight", "mem_weight", "recall_weight"):
             if getattr(self, name) < 0:
                 fail(name, "a loss weight >= 0")
         if self.memory_read not in ("dot", "cosine"):

@@ -233,17 +233,20 @@ class BitMar(nn.Module):
         stream_ids/stream_vision/stream_segment/stream_targets (B,L), stream_pos (L,)) and optionally
         a recall part (recall_ids/recall_mask/recall_vision, recall_order (B',E'), cue_ids/cue_mask,
         answer_ids/answer_targets, answer_pos) and a text part (text_ids/text_targets (B'',L), text_pos).
-        cm_weight overrides config.cm_weight (the adaptive controller's lever). Returns loss, lm (per
+        cm_weight overrides config.cm_weight (the adaptive controller's lever). loss = lm_weight·lm
+        + cm_weight·cm + mem_weight·mem + recall_weight·lm_recall. Returns loss, lm (per
         target token over all tasks), lm_scene, lm_recall, lm_text, cm, mem and similarity (detached)."""
         c = self.config
         s = self._scene_streams(batch)
         nll, n = s["nll"], s["n"]
         zero = nll.new_zeros(())
-        lm_recall = zero
+        lm_recall = extra = zero
         if "answer_ids" in batch:
             r = self._recall(batch)
             nll, n = nll + r["nll"], n + r["n"]
-            lm_recall = (r["nll"] / r["n"].clamp(min=1)).detach()
+            lm_recall = r["nll"] / r["n"].clamp(min=1)
+            extra = c.recall_weight * lm_recall
+            lm_recall = lm_recall.detach()
         lm_text = zero
         if "text_ids" in batch:
             r = self._text(batch)
@@ -251,7 +254,7 @@ class BitMar(nn.Module):
             lm_text = (r["nll"] / r["n"].clamp(min=1)).detach()
         lm = nll / n.clamp(min=1)
         w_cm = c.cm_weight if cm_weight is None else cm_weight
-        loss = c.lm_weight * lm + w_cm * s["cm"] + c.mem_weight * s["mem"]
+        loss = c.lm_weight * lm + w_cm * s["cm"] + c.mem_weight * s["mem"] + extra
         return {"loss": loss, "lm": lm, "lm_scene": (s["nll"] / s["n"].clamp(min=1)).detach(),
                 "lm_recall": lm_recall, "lm_text": lm_text, "cm": s["cm"], "mem": s["mem"],
                 "similarity": s["similarity"]}

@@ -146,6 +146,11 @@ def test_losses_equal_the_objective_computed_by_hand(tiny_scene_batch, tiny_reca
         assert torch.isclose(out["lm"], lm, atol=1e-5)
         assert torch.isclose(out["loss"], lm + 1.5 * s["cm"] + 0.1 * s["mem"], atol=1e-5)
         assert torch.isclose(model(batch, cm_weight=3.0)["loss"], lm + 3.0 * s["cm"] + 0.1 * s["mem"], atol=1e-5)
+        # recall_weight adds the recall answers' mean loss once more
+        model.config.recall_weight = 2.0
+        assert torch.isclose(model(batch)["loss"], lm + 1.5 * s["cm"] + 0.1 * s["mem"] + 2.0 * r["nll"] / r["n"],
+                             atol=1e-5)
+        model.config.recall_weight = 0.0
         # the scene task alone
         alone = model(tiny_scene_batch)
         assert torch.isclose(alone["lm"], s["nll"] / s["n"], atol=1e-5) and alone["lm_recall"] == 0
@@ -166,7 +171,9 @@ def test_recall_sinks_are_unconditioned_and_the_write_order_matters(tiny_scene_b
         assert abs(float(other - lm)) > 1e-6
 
 
-@pytest.mark.parametrize("kw", [{}, {"conditioning": "concat", "fusion_pooling": "learned"}])
+@pytest.mark.parametrize("kw", [{}, {"conditioning": "concat", "fusion_pooling": "learned"},
+                                {"memory_read": "cosine", "memory_init": "zero", "memory_write_usage": 50.0,
+                                 "recall_weight": 1.0}])
 def test_backward_reaches_every_parameter(tiny_scene_batch, tiny_recall_batch, tiny_text_batch, kw):
     model = _model(**kw).train()
     out = model({**tiny_scene_batch, **tiny_recall_batch, **tiny_text_batch})
