@@ -14,7 +14,9 @@ import cv2
 import numpy as np
 
 from .runtime import BitMarRuntime, FrameCode, RuntimeError_
-from .store import EpisodeStore, EpisodeStoreAPI, Hit, StoreError, make_thumbnail
+from .pose import Pose
+from .store import (EpisodeStore, EpisodeStoreAPI, Hit, RetentionPolicy, RetentionReport, SpatialFilter, StoreError,
+                    make_thumbnail)
 
 # Words the caption grammar (bitmar_core/data/scenes.py: its wording and `parse_caption`) uses for
 # the same attribute. The store's full-text index treats each group as one word (a query for one
@@ -75,12 +77,17 @@ class EpisodicMemory:
     themselves), so a query never waits for an episode to be encoded.
     """
 
-    def __init__(self, runtime: BitMarRuntime, store: EpisodeStoreAPI) -> None:
+    def __init__(self, runtime: BitMarRuntime, store: EpisodeStoreAPI,
+                 retention: RetentionPolicy | None = None) -> None:
         if store.embedding_dim != runtime.embedding_dim:
             raise EpisodicError(f"store holds {store.embedding_dim}-D embeddings, the model makes "
                                 f"{runtime.embedding_dim}-D ones")
         self.runtime = runtime
         self.store = store
+        # Enforced after each recorded episode (``record``); None or no limit: the store only grows.
+        self.retention = retention
+        self.retention_totals = {"retention_deleted": 0, "retention_thinned": 0, "retention_passes": 0,
+                                 "retention_errors": 0, "forgotten": 0}
         self._write_lock = threading.RLock()
 
     @classmethod
@@ -138,7 +145,7 @@ class EpisodicMemory:
 
     def record(self, caption: str, stamp_ns: int, *, rgb: np.ndarray | None = None, code: FrameCode | None = None,
                source: str = "caption", thumbnail_rgb: np.ndarray | None = None, thumbnail_size: int = 96,
-               token: object = None) -> int | None:
+               token: object = None, pose: Pose | None = None) -> int | None:
         """Write one frame–caption episode into the model's memory and commit it to the store,
         together: if the commit fails, the memory write is undone and the error raised (a
         ``StoreError``), so memory and store never disagree. Returns the episode id once committed;
@@ -147,7 +154,9 @@ class EpisodicMemory:
         holds it).
 
         ``code`` is the frame already through the vision path (else ``rgb`` is encoded);
-        the thumbnail is made from ``thumbnail_rgb`` (default: ``rgb``; none without either)."""
+        the thumbnail is made from ``thumbnail_rgb`` (default: ``rgb``; none without either);
+        ``pose`` is where the camera was at ``stamp_ns`` (None: unknown). After the commit the
+        retention policy, if any, is enforced (``enforce_retention``)."""
         if code is None:
             if rgb is None:
                 raise EpisodicError("record: expected the frame as rgb or as its code, got neither")
@@ -161,12 +170,41 @@ class EpisodicMemory:
             try:
                 # Only a store that can buffer (the fleet store) takes a token to hand back on commit.
                 extra = {"token": token} if hasattr(self.store, "on_commit") else {}
-                return self.store.add_episode(stamp_ns=stamp_ns, caption=caption, source=source,
-                                              embedding=episode.embedding, thumbnail_jpeg=thumbnail,
-                                              memory_state=self.runtime.memory_state(), **extra)
+                episode_id = self.store.add_episode(stamp_ns=stamp_ns, caption=caption, source=source,
+                                                    embedding=episode.embedding, thumbnail_jpeg=thumbnail,
+                                                    memory_state=self.runtime.memory_state(), pose=pose, **extra)
             except BaseException:
                 self.runtime.load_memory_state(before)  # RAM must not hold a write the store does not
                 raise
+            if episode_id is not None and self.retention is not None and self.retention.active:
+                try:
+                    self.enforce_retention()
+                except StoreError:  # the episode is committed; the next one tries again
+                    self.retention_totals["retention_errors"] += 1
+            return episode_id
+
+    def enforce_retention(self, now_ns: int | None = None) -> RetentionReport | None:
+        """Keep the store within ``self.retention`` (``EpisodeStore.enforce_retention``); None
+        without a policy. The memory state stays: M's slots blend every write, old ones included."""
+        if self.retention is None or not self.retention.active:
+            return None
+        with self._write_lock:
+            report = self.store.enforce_retention(self.retention, now_ns=now_ns)
+        if report.deleted:
+            self.retention_totals["retention_deleted"] += report.deleted
+            self.retention_totals["retention_thinned"] += report.thinned
+            self.retention_totals["retention_passes"] += 1
+        return report
+
+    def forget(self, ids=None, start_ns: int | None = None, end_ns: int | None = None,
+               caption_contains: str | None = None) -> list[int]:
+        """Delete the stored episodes that meet every criterion given (``EpisodeStore.forget``);
+        returns their ids. The model's memory matrix is left as it is: each slot is a superposition
+        of many writes, and no single write can be taken out of it (``clear`` resets it whole)."""
+        with self._write_lock:
+            gone = self.store.forget(ids=ids, start_ns=start_ns, end_ns=end_ns, caption_contains=caption_contains)
+        self.retention_totals["forgotten"] += len(gone)
+        return gone
 
     def embed_image(self, rgb: np.ndarray) -> FrameCode:
         """The vision code of a picture through ``model_input`` (camera frames and query images alike)."""
@@ -206,10 +244,10 @@ class EpisodicMemory:
 
     def query(self, text: str | None = None, image: np.ndarray | None = None, *, code: FrameCode | None = None,
               k: int = 5, start_ns: int | None = None, end_ns: int | None = None,
-              robot_scope: str | None = None) -> QueryResult:
+              robot_scope: str | None = None, near: SpatialFilter | None = None) -> QueryResult:
         """The k episodes that best match a text and/or an image (RGB uint8, or its ``code``),
-        within an optional time window: BM25 over the captions fused with the model's embedding
-        ranking (``EpisodeStore.search``). No episode in the window is a result, not an error."""
+        within an optional time window and place (``near``): BM25 over the captions fused with the
+        model's embedding ranking (``EpisodeStore.search``). No episode there is a result, not an error."""
         t0 = time.perf_counter()
         text = text or None
         if image is not None and code is None:
@@ -217,7 +255,8 @@ class EpisodicMemory:
         if text is None and code is None:
             raise EpisodicError("query: expected text, an image, or both")
         embedding = self.runtime.embed_query(text, code)
-        hits = self.store.search(text, embedding, k=k, start_ns=start_ns, end_ns=end_ns, robot_scope=robot_scope)
+        hits = self.store.search(text, embedding, k=k, start_ns=start_ns, end_ns=end_ns, robot_scope=robot_scope,
+                                 **({"near": near} if near is not None else {}))
         total = self.store.count(robot_scope) if robot_scope else self.store.count()
         ms = 1e3 * (time.perf_counter() - t0)
         if hits:
@@ -227,11 +266,13 @@ class EpisodicMemory:
         if total == 0:
             return QueryResult([], 0, "no episodes: the memory is empty")
         window = f"[{start_ns if start_ns is not None else 'start'}, {end_ns if end_ns is not None else 'end'}] ns"
-        return QueryResult([], total, f"no episodes in the time window {window} (the memory holds {total})")
+        place = (f" within {near.radius_m:g} m of ({near.x:g}, {near.y:g}) in '{near.frame_id}'"
+                 if near is not None else "")
+        return QueryResult([], total, f"no episodes in the time window {window}{place} (the memory holds {total})")
 
     def answer(self, text: str | None = None, image: np.ndarray | None = None, *, code: FrameCode | None = None,
                k: int = 3, start_ns: int | None = None, end_ns: int | None = None,
-               max_new_tokens: int = 32, robot_scope: str | None = None) -> Answer:
+               max_new_tokens: int = 32, robot_scope: str | None = None, near: SpatialFilter | None = None) -> Answer:
         """Text the model generates for the query from its memory read, with the episodes it is
         given with.
 
@@ -242,6 +283,6 @@ class EpisodicMemory:
         the model's read covers the whole memory."""
         if image is not None and code is None:
             code = self.embed_image(image)
-        result = self.query(text, code=code, k=k, start_ns=start_ns, end_ns=end_ns, robot_scope=robot_scope)
+        result = self.query(text, code=code, k=k, start_ns=start_ns, end_ns=end_ns, robot_scope=robot_scope, near=near)
         generated = self.runtime.answer(text or None, code, max_new_tokens=max_new_tokens)
         return Answer(generated, result.hits, result.message)

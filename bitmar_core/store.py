@@ -182,6 +182,18 @@ class Episode:
 
 
 @dataclass(frozen=True)
+class NewEpisode:
+    """An episode to store with ``add_episodes`` (the arguments of ``add_episode``)."""
+
+    stamp_ns: int
+    caption: str
+    source: str
+    embedding: np.ndarray
+    thumbnail_jpeg: bytes = b""
+    pose: Pose | None = None
+
+
+@dataclass(frozen=True)
 class SpatialFilter:
     """Episodes recorded within ``radius_m`` of (x, y) in ``frame_id``, measured in the frame's x-y
     plane (``Pose.planar_distance`` says why). Episodes without a pose or in another frame never match:
@@ -281,6 +293,8 @@ class EpisodeStoreAPI(Protocol):
     def add_episode(self, stamp_ns: int, caption: str, source: str, embedding: np.ndarray,
                     thumbnail_jpeg: bytes = b"", memory_state: dict[str, np.ndarray] | None = None,
                     pose: Pose | None = None) -> int | None: ...
+    def add_episodes(self, episodes: Sequence[NewEpisode],
+                     memory_state: dict[str, np.ndarray] | None = None) -> list[int]: ...
     def put_memory_state(self, state: dict[str, np.ndarray]) -> None: ...
     def memory_state(self) -> dict[str, np.ndarray] | None: ...
     def clear(self) -> None: ...
@@ -621,6 +635,24 @@ class EpisodeStore:
                 index.append(episode_id, stamp_ns, emb / norm, self._decode_pose(episode_id, pose))
             self._index = index
 
+    @classmethod
+    def describe(cls, directory: str | os.PathLike) -> tuple[int, str]:
+        """(embedding_dim, identity) of the store under ``directory``, read without writing anything:
+        what a tool needs to open a store it did not create (export, inspection)."""
+        path = Path(directory) / DB_FILENAME
+        if not path.is_file():
+            raise StoreNotFoundError(f"no episode store at {path}")
+        uri = f"file:{urllib.parse.quote(path.resolve().as_posix())}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            try:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            finally:
+                conn.close()
+            return int(meta["embedding_dim"]), meta["identity"]
+        except (sqlite3.Error, KeyError, ValueError) as e:
+            raise StoreCorruptError(f"{path}: not an episode store with readable meta ({e}); left untouched") from e
+
     # ------------------------------------------------------------------ reading beside a writer
     @classmethod
     def open_read_only(cls, directory: str | os.PathLike, embedding_dim: int, identity: str) -> "EpisodeStore":
@@ -736,6 +768,45 @@ class EpisodeStore:
             episode_id = self._transaction("add_episode", write)
             self._index.append(episode_id, int(stamp_ns), unit, pose)
             return episode_id
+
+    def add_episodes(self, episodes: Sequence[NewEpisode],
+                     memory_state: dict[str, np.ndarray] | None = None) -> list[int]:
+        """Store many episodes (and a memory state) in one transaction: all or none. For imports and
+        bulk loads, where one fsync per episode would dominate; the node records one at a time."""
+        rows = []
+        for n, e in enumerate(episodes):
+            if not isinstance(e, NewEpisode):
+                raise StoreInputError(f"episodes[{n}]: expected a NewEpisode, got {type(e).__name__}")
+            _check_stamp(f"episodes[{n}].stamp_ns", e.stamp_ns)
+            _check_text(f"episodes[{n}].caption", e.caption, MAX_CAPTION_BYTES, allow_empty=True)
+            if not isinstance(e.source, str) or len(e.source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(e.source):
+                raise StoreInputError(f"episodes[{n}].source: expected a lowercase identifier of ≤ {MAX_SOURCE_CHARS} "
+                                      f"chars such as 'caption', got {e.source!r}")
+            emb, unit = self._check_embedding(f"episodes[{n}].embedding", e.embedding)
+            rows.append((e, emb, unit, _check_thumbnail(e.thumbnail_jpeg), _pose_row(e.pose)))
+        state_rows = _encode_state(memory_state) if memory_state is not None else None
+        with self._lock:
+            conn = self._require_open()
+            self._index.reserve(len(rows))
+
+            def write() -> list[int]:
+                ids = []
+                for e, emb, _, thumb, pose_row in rows:
+                    cur = conn.execute(
+                        f"INSERT INTO episodes (stamp_ns, caption, source, embedding, thumbnail, {_POSE_SELECT}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (int(e.stamp_ns), e.caption, e.source, emb.tobytes(), thumb, *pose_row))
+                    conn.execute("INSERT INTO episodes_fts (rowid, caption, canon) VALUES (?, ?, ?)",
+                                 (cur.lastrowid, e.caption, _normalise(e.caption, self._canonical)))
+                    ids.append(int(cur.lastrowid))
+                if state_rows is not None:
+                    self._replace_state(conn, state_rows)
+                return ids
+
+            ids = self._transaction("add_episodes", write)
+            for episode_id, (e, _, unit, _, _) in zip(ids, rows):
+                self._index.append(episode_id, int(e.stamp_ns), unit, e.pose)
+            return ids
 
     def put_memory_state(self, state: dict[str, np.ndarray]) -> None:
         """Replace the whole stored memory state (one transaction)."""
@@ -910,7 +981,8 @@ class EpisodeStore:
             conn = self._require_open()
             try:
                 if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
-                    conn.execute("PRAGMA incremental_vacuum").fetchall()
+                    # executescript steps the pragma to its end: execute() steps it once, one page
+                    conn.executescript("PRAGMA incremental_vacuum;")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             except sqlite3.Error as e:
                 raise StoreWriteError(f"compacting {self.path} failed: {e}") from e

@@ -319,6 +319,27 @@ class PgEpisodeStore:
             self._buffer(item, state_rows)
             return None
 
+    def add_episodes(self, episodes, memory_state: dict[str, np.ndarray] | None = None) -> list[int]:
+        """Store many episodes of this robot (``store.NewEpisode``) and a memory state in one
+        transaction: all or none; never buffered (an unreachable database raises)."""
+        from .store import NewEpisode
+        items = []
+        for n, e in enumerate(episodes):
+            if not isinstance(e, NewEpisode):
+                raise StoreInputError(f"episodes[{n}]: expected a NewEpisode, got {type(e).__name__}")
+            _check_stamp(f"episodes[{n}].stamp_ns", e.stamp_ns)
+            _check_text(f"episodes[{n}].caption", e.caption, MAX_CAPTION_BYTES, allow_empty=True)
+            if not isinstance(e.source, str) or len(e.source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(e.source):
+                raise StoreInputError(f"episodes[{n}].source: expected a lowercase identifier, got {e.source!r}")
+            emb, unit = _check_embedding_array(f"episodes[{n}].embedding", e.embedding, self.embedding_dim)
+            items.append(_Pending(int(e.stamp_ns), e.caption, e.source, emb, unit, _check_thumbnail(e.thumbnail_jpeg),
+                                  0, None, _pose_row(e.pose)))
+        state_rows = _encode_state(memory_state) if memory_state is not None else None
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"episode store {self.where} is closed")
+            return self._write(items, state_rows) if items or state_rows else []
+
     def _write(self, items: list[_Pending], state_rows: list[tuple] | None) -> list[int]:
         def body(conn) -> list[int]:
             ids = []

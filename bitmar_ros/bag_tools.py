@@ -27,6 +27,8 @@ from rosbags.typesys.store import Typestore
 
 CAMERA_TOPIC = "/camera/image_raw"
 CAPTION_TOPIC = "/captions"
+ODOM_TOPIC = "/odom"
+ODOM_OFFSET_NS = 13_000_000  # odometry stamps fall between the frames' (a frame's pose is interpolated)
 CLOCK_TOPIC = "/clock"
 DEMO_START_NS = 1_700_000_000 * 10**9  # fixed bag start: the demo bag is deterministic
 _REPO_MSG_DIR = Path(__file__).resolve().parents[1] / "msg"
@@ -425,13 +427,16 @@ def photo(name: str, width: int, height: int) -> np.ndarray:
 
 def make_demo_bag(out_path: str | Path, n_scenes: int = 12, frames_per_scene: int = 5, fps: float = 5.0,
                   width: int = 224, height: int = 224, seed: int = 0, photos: bool = True,
-                  caption_delay_s: float = 0.1) -> Path:
+                  caption_delay_s: float = 0.1, odometry_hz: float = 0.0) -> Path:
     """Write the demo bag: each scene shown for ``frames_per_scene`` frames on ``/camera/image_raw``
     (rgb8, stamp = bag time, frame 'camera'), and its caption on ``/captions`` ``caption_delay_s``
     after the scene's first frame (at 5 fps, between the scene's first two frames, so the nearest
     frame in time always shows the captioned scene). MCAP with zstd chunks; messages are stored
     as DDS delivers them (`wire_bytes`); the same seed gives the same bytes.
     A sidecar ``scenes.jsonl`` in the bag directory lists each scene's caption and stamps.
+    ``odometry_hz`` > 0 adds ``/odom`` (nav_msgs/Odometry, frame 'odom' ← 'base_link') sampled at that
+    rate along ``demo_trajectory``, from 0.5 s before the first frame to 0.5 s after the last, its
+    stamps ``ODOM_OFFSET_NS`` off the frames' so that a frame's pose is interpolated.
     Returns the bag directory.
     """
     if frames_per_scene < 1 or fps <= 0 or n_scenes < 0 or width < 1 or height < 1:
@@ -455,6 +460,12 @@ def make_demo_bag(out_path: str | Path, n_scenes: int = 12, frames_per_scene: in
     try:
         cam = writer.add_connection(CAMERA_TOPIC, "sensor_msgs/msg/Image", typestore=store)
         cap = writer.add_connection(CAPTION_TOPIC, "std_msgs/msg/String", typestore=store)
+        if odometry_hz > 0:
+            end_ns = DEMO_START_NS + len(items) * frames_per_scene * period_ns
+            odom = writer.add_connection(ODOM_TOPIC, "nav_msgs/msg/Odometry", typestore=store)
+            for ts in odometry_stamps(DEMO_START_NS - 500_000_000, end_ns + 500_000_000, odometry_hz):
+                writer.write(odom, ts, wire_bytes(store.serialize_cdr(
+                    _odometry(store, ts), "nav_msgs/msg/Odometry")))
         for k, item in enumerate(items):
             first_ns = DEMO_START_NS + k * frames_per_scene * period_ns
             caption_ns = first_ns + delay_ns
@@ -480,6 +491,36 @@ def make_demo_bag(out_path: str | Path, n_scenes: int = 12, frames_per_scene: in
         for row in sidecar:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return out
+
+
+def demo_trajectory(t_ns: int) -> tuple[float, float, float]:
+    """(x, y, yaw) of the demo robot at a bag time: a circle of 2 m radius about the odom origin at
+    0.2 rad/s from DEMO_START_NS, heading along it (yaw = angle + π/2)."""
+    a = 0.2 * (t_ns - DEMO_START_NS) / 1e9
+    return 2.0 * math.cos(a), 2.0 * math.sin(a), a + math.pi / 2
+
+
+def odometry_stamps(start_ns: int, end_ns: int, rate_hz: float) -> list[int]:
+    """The /odom stamps of a demo bag: every 1/rate_hz from start_ns + ODOM_OFFSET_NS to end_ns."""
+    period = round(1e9 / rate_hz)
+    return list(range(start_ns + ODOM_OFFSET_NS, end_ns + 1, period))
+
+
+def _odometry(store, ts: int):
+    Odometry, Header, Time = (store.types[t] for t in (
+        "nav_msgs/msg/Odometry", "std_msgs/msg/Header", "builtin_interfaces/msg/Time"))
+    P, Pc, Q, Pt = (store.types[t] for t in ("geometry_msgs/msg/Pose", "geometry_msgs/msg/PoseWithCovariance",
+                                              "geometry_msgs/msg/Quaternion", "geometry_msgs/msg/Point"))
+    Tw, Twc, V3 = (store.types[t] for t in ("geometry_msgs/msg/Twist", "geometry_msgs/msg/TwistWithCovariance",
+                                             "geometry_msgs/msg/Vector3"))
+    x, y, yaw = demo_trajectory(ts)
+    sec, nsec = divmod(ts, 10**9)
+    zero = np.zeros(36, np.float64)
+    return Odometry(header=Header(stamp=Time(sec=sec, nanosec=nsec), frame_id="odom"), child_frame_id="base_link",
+                    pose=Pc(pose=P(position=Pt(x=x, y=y, z=0.0), orientation=Q(x=0.0, y=0.0, z=math.sin(yaw / 2),
+                                                                              w=math.cos(yaw / 2))), covariance=zero),
+                    twist=Twc(twist=Tw(linear=V3(x=0.4, y=0.0, z=0.0), angular=V3(x=0.0, y=0.0, z=0.2)),
+                              covariance=zero))
 
 
 # --------------------------------------------------------------------------- command lines
@@ -567,8 +608,11 @@ def make_demo_bag_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--fps", type=float, default=5.0)
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("W", "H"))
     p.add_argument("--no-photos", action="store_true")
+    p.add_argument("--odometry-hz", type=float, default=0.0,
+                   help="also write /odom (nav_msgs/Odometry) at this rate along a circle (0 = none)")
     a = p.parse_args(argv)
     out = make_demo_bag(a.out, n_scenes=a.scenes, frames_per_scene=a.frames_per_scene, fps=a.fps,
-                        width=a.size[0], height=a.size[1], seed=a.seed, photos=not a.no_photos)
+                        width=a.size[0], height=a.size[1], seed=a.seed, photos=not a.no_photos,
+                        odometry_hz=a.odometry_hz)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.2f} MB)", flush=True)

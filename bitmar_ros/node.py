@@ -42,6 +42,14 @@ instead of seconds of model loading during which the camera is not heard. A loop
 ``CRASH_LOOP_COUNT`` times within ``CRASH_LOOP_WINDOW_S`` is not fixable from inside: the node then
 shuts down cleanly and exits with code ``EXIT_CRASH_LOOP`` (3), for ``respawn`` to bring it back.
 
+Where and how long (issue 18): with a pose source (``pose_topic`` of type ``pose_topic_type``, or tf2
+with ``pose_tf_frame`` where ``tf2_ros`` is importable) each episode is stored with the pose at its
+frame's stamp, interpolated in a ring of recent poses (``bitmar_core.pose``); a frame whose stamp
+falls in a gap gets none (``pose_missing_gap``, ``pose_missing_no_pose``, ``pose_missing_tf``).
+Queries may ask for episodes near a point (``near_frame``/``near``/``radius_m``) and have the top
+episode's pose published on ``~/goal_pose``. The ``retention_*`` parameters bound the store as
+episodes arrive; ``~/forget`` deletes chosen episodes (the memory matrix keeps its superposition).
+
 Lifecycle: a managed node (``rclpy.lifecycle``). Configure loads the checkpoint, opens the store,
 restores the memory, creates the subscriptions, publishers and services and starts the worker;
 activate lets frames and captions in and descriptions and episodes out; deactivate first commits
@@ -93,14 +101,17 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from geometry_msgs.msg import PoseStamped
+
 from bitmar_core.episodic import EpisodicError, EpisodicMemory, model_input
+from bitmar_core.pose import Pose, PoseError, PoseRing, PoseRingConfig
 from bitmar_core.runtime import BitMarRuntime, RuntimeError_
-from bitmar_core.store import EpisodeStore, EpisodeStoreAPI, StoreError
+from bitmar_core.store import EpisodeStore, EpisodeStoreAPI, RetentionPolicy, SpatialFilter, StoreError
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode
 from bitmar_ros.pairing import CaptionQueue, RecentFrames
-from bitmar_ros.srv import QueryMemory
+from bitmar_ros.srv import Forget, QueryMemory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT_NAME = "bitmar_default.safetensors"
@@ -170,6 +181,18 @@ def _gap_s(frame: "Frame | None", t_ns: int) -> str:
 
 def _stamp_ns(stamp) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def _set_pose(msg: Episode, pose: Pose | None, stamp) -> None:
+    """An Episode message's pose fields (has_pose false without one)."""
+    msg.has_pose = pose is not None
+    if pose is None:
+        return
+    msg.pose.header.frame_id = pose.frame_id
+    msg.pose.header.stamp = stamp
+    p, q = msg.pose.pose.position, msg.pose.pose.orientation
+    p.x, p.y, p.z = pose.position
+    q.x, q.y, q.z, q.w = pose.orientation
 
 
 class _Percentiles:
@@ -436,8 +459,11 @@ class BitMarNode(LifecycleNode):
         self._reset_pipeline()
         self._runtime = self._load_runtime()
         self._store = self._open_store()
-        self._memory = EpisodicMemory(self._runtime, self._store)
+        self._memory = EpisodicMemory(self._runtime, self._store, retention=self._retention_policy())
         self._restore_memory()
+        self._poses = PoseRing(PoseRingConfig(self._cfg["pose_ring_size"], self._cfg["pose_max_gap_s"],
+                                              self._cfg["pose_max_extrapolate_s"]))
+        self._tf_buffer = self._start_tf() if self._cfg["pose_tf_frame"] else None
         # Queries run here, off the executor thread (see on_query_memory).
         self._query_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmar-query")
         self._queries_pending = 0
@@ -467,8 +493,14 @@ class BitMarNode(LifecycleNode):
             "save_memory", self.on_save_memory, lambda why: Trigger.Response(success=False, message=f"internal error: {why}")))
         self._clear_srv = self.create_service(Trigger, "~/clear_memory", self._guarded(
             "clear_memory", self.on_clear_memory, lambda why: Trigger.Response(success=False, message=f"internal error: {why}")))
+        self._forget_srv = self.create_service(Forget, "~/forget", self._guarded(
+            "forget", self.on_forget, lambda why: Forget.Response(success=False, message=f"internal error: {why}")))
+        self._goal_pub = self.create_lifecycle_publisher(PoseStamped, "~/goal_pose", 10)
         self._entities = [self._image_sub, self._text_sub, self._desc_pub, self._final_pub, self._episode_pub,
-                          self._diag_pub, self._query_srv, self._save_srv, self._clear_srv]
+                          self._diag_pub, self._query_srv, self._save_srv, self._clear_srv, self._forget_srv,
+                          self._goal_pub]
+        if self._cfg["pose_topic"] and not self._cfg["pose_tf_frame"]:
+            self._entities.append(self._subscribe_poses())
         self._diag_timer = None
         self._configured = True
         self._reset_diag_timer()
@@ -535,6 +567,79 @@ class BitMarNode(LifecycleNode):
         if dsn:  # episodes buffered while the database is unreachable are published once committed
             store.on_commit = self._on_buffered_commit
         return store
+
+    def _retention_policy(self) -> RetentionPolicy:
+        return RetentionPolicy(max_bytes=self._cfg["retention_max_bytes"], max_count=self._cfg["retention_max_episodes"],
+                               max_age_s=float(self._cfg["retention_max_age_s"]),
+                               thin_interval_s=float(self._cfg["retention_thin_interval_s"]),
+                               thin_min_cosine=float(self._cfg["retention_thin_min_cosine"]))
+
+    def _subscribe_poses(self) -> Subscription:
+        """The pose source topic; its message type is imported only when used (nav_msgs for odometry)."""
+        kind = self._cfg["pose_topic_type"]
+        if kind == "odometry":
+            from nav_msgs.msg import Odometry as msg_type
+        elif kind == "pose_stamped":
+            msg_type = PoseStamped
+        else:
+            from geometry_msgs.msg import PoseWithCovarianceStamped as msg_type
+        # Odometry comes at 50+ Hz and each is tiny: a deep queue, so that a busy executor loses none.
+        return self.create_subscription(msg_type, self._cfg["pose_topic"], self._guarded("pose", self.on_pose), 100)
+
+    def _start_tf(self):
+        """A tf2 buffer and listener for ``pose_tf_frame`` ← camera frame lookups."""
+        try:
+            import tf2_ros
+        except ImportError as exc:
+            raise StartupError(f"pose_tf_frame={self._cfg['pose_tf_frame']!r} needs tf2_ros, which is not importable "
+                               f"here ({exc}); install ROS 2's tf2_ros, or use pose_topic instead", exit_code=2) from exc
+        buffer = tf2_ros.Buffer()
+        self._tf_listener = tf2_ros.TransformListener(buffer, self)
+        return buffer
+
+    def on_pose(self, msg) -> None:
+        """A pose of the pose source: into the ring (any lifecycle state: a pose costs nothing)."""
+        inner = msg.pose if isinstance(msg, PoseStamped) else msg.pose.pose  # Odometry, PoseWithCovarianceStamped
+        if not msg.header.frame_id:
+            self._reject("pose", "pose message without header.frame_id (expected the frame its pose is in, e.g. 'map')")
+            return
+        p, q = inner.position, inner.orientation
+        try:
+            pose = Pose(msg.header.frame_id, (p.x, p.y, p.z), (q.x, q.y, q.z, q.w))
+            self._poses.add(_stamp_ns(msg.header.stamp), pose)
+        except PoseError as exc:
+            self._reject("pose", str(exc))
+            return
+        with self._lock:
+            self._counters["poses_received"] += 1
+
+    def _pose_at(self, frame: "Frame") -> Pose | None:
+        """Where the camera was at the frame's stamp: tf2, or the pose ring (None without a source)."""
+        if self._tf_buffer is not None:
+            from rclpy.duration import Duration
+            from rclpy.time import Time
+            target = self._cfg["pose_tf_frame"]
+            try:
+                t = self._tf_buffer.lookup_transform(target, frame.header.frame_id, Time(nanoseconds=frame.stamp_ns),
+                                                     timeout=Duration(seconds=0.0))
+                tr, rot = t.transform.translation, t.transform.rotation
+                pose = Pose(target, (tr.x, tr.y, tr.z), (rot.x, rot.y, rot.z, rot.w))
+            except Exception as exc:  # tf2's lookup, connectivity and extrapolation errors, a degenerate rotation
+                self._counters["pose_missing_tf"] += 1
+                self._log.warning(f"no pose from tf2 for frame '{frame.header.frame_id}': {clip(str(exc), 200)}",
+                                  every_s=10.0, key="pose_tf")
+                return None
+        elif self._cfg["pose_topic"]:
+            if len(self._poses):  # a live source: its next pose brackets the stamp soon (no source: no wait)
+                self._poses.wait_past(frame.stamp_ns, self._cfg["pose_max_gap_s"])
+            pose, why = self._poses.at(frame.stamp_ns)
+            if pose is None:
+                self._counters[f"pose_missing_{why}"] += 1
+                return None
+        else:
+            return None
+        self._counters["episodes_posed"] += 1
+        return pose
 
     def _restore_memory(self) -> None:
         try:
@@ -796,10 +901,11 @@ class BitMarNode(LifecycleNode):
 
     def _store_episode(self, caption: str, frame: Frame, source: str, code=None, received_ns: int = 0) -> None:
         t0 = time.monotonic()
+        pose = self._pose_at(frame)
         try:  # memory write and store commit together; a failed commit undoes the write
             ep_id = self._memory.record(caption, frame.stamp_ns, rgb=frame.rgb, code=code, source=source,
                                         thumbnail_rgb=frame.thumbnail, thumbnail_size=self._cfg["thumbnail_size"],
-                                        token=(caption, source, frame.header))
+                                        token=(caption, source, frame.header, pose), pose=pose)
         except StoreError as exc:
             self._counters["store_errors"] += 1
             self._log.error(f"episode not stored ({exc}); memory and store unchanged")
@@ -811,21 +917,22 @@ class BitMarNode(LifecycleNode):
         if ep_id is None:  # a fleet store's database is unreachable: buffered, acknowledged once committed
             self._counters["episodes_buffered"] += 1
             return
-        self._publish_episode(ep_id, caption, source, frame.header)
+        self._publish_episode(ep_id, caption, source, frame.header, pose)
 
-    def _publish_episode(self, ep_id: int, caption: str, source: str, header) -> None:
+    def _publish_episode(self, ep_id: int, caption: str, source: str, header, pose: Pose | None = None) -> None:
         # The acknowledgement line is what the reliability tests hold the store to.
         self._log.info(f"episode {ep_id} committed [{source}]: {caption[:80]!r}")
         msg = Episode(id=ep_id, caption=caption, source=source, score=1.0, robot_id=self._store.robot_id)
         msg.stamp = header.stamp
         msg.thumbnail.header = header
         msg.thumbnail.format = "jpeg"
+        _set_pose(msg, pose, header.stamp)
         self._episode_pub.publish(msg)
 
     def _on_buffered_commit(self, ep_id: int, token) -> None:
         """A buffered episode reached the fleet database (the store's flush thread calls this)."""
-        caption, source, header = token
-        self._publish_episode(ep_id, caption, source, header)
+        caption, source, header, pose = token
+        self._publish_episode(ep_id, caption, source, header, pose)
 
     def _describe_if_changed(self, frame: Frame) -> None:
         code = self._runtime.embed_frame(frame.rgb)
@@ -902,6 +1009,8 @@ class BitMarNode(LifecycleNode):
         code = self._memory.embed_image(image) if image is not None else None  # camera frames' resize
         window = dict(k=int(req.k), start_ns=_stamp_ns(req.start) or None, end_ns=_stamp_ns(req.end) or None,
                       robot_scope=req.robot_scope or None)
+        if req.near_frame:
+            window["near"] = SpatialFilter(req.near_frame, float(req.near.x), float(req.near.y), float(req.radius_m))
         try:
             if req.generate_answer:
                 answer = self._memory.answer(req.text or None, code=code, max_new_tokens=self._cfg["answer_max_new_tokens"],
@@ -923,7 +1032,15 @@ class BitMarNode(LifecycleNode):
             m.thumbnail.format = "jpeg"
             m.thumbnail.header.stamp = m.stamp
             m.thumbnail.data = h.episode.thumbnail_jpeg
+            _set_pose(m, h.episode.pose, m.stamp)
             resp.episodes.append(m)
+        if req.publish_goal and resp.episodes and resp.episodes[0].has_pose and self._active:
+            goal = PoseStamped(pose=resp.episodes[0].pose.pose)
+            goal.header.frame_id = resp.episodes[0].pose.header.frame_id
+            goal.header.stamp = self.get_clock().now().to_msg()  # a goal for now, at the place it was seen
+            self._goal_pub.publish(goal)
+            resp.goal_published = True
+            self._counters["goals_published"] += 1
         resp.success = True  # no episode in the window is an answer too; the message says so
         resp.message = clip(f"{message}; {1e3 * (time.monotonic() - t0):.1f} ms in all", MAX_REPLY_BYTES)
         return resp
@@ -938,7 +1055,29 @@ class BitMarNode(LifecycleNode):
         start, end = _stamp_ns(req.start), _stamp_ns(req.end)
         if start and end and start > end:
             return f"time window inverted: start {start} ns > end {end} ns"
+        if req.near_frame:
+            near = (req.near.x, req.near.y, req.radius_m)
+            if not all(np.isfinite(near)) or req.radius_m <= 0:
+                return (f"spatial filter: expected finite near.x, near.y and radius_m > 0 metres with near_frame "
+                        f"{clip(req.near_frame, 80)!r}, got near=({req.near.x}, {req.near.y}), radius_m={req.radius_m}")
+        elif req.radius_m:
+            return f"radius_m={req.radius_m} without near_frame: name the frame of the point 'near' (e.g. 'map')"
         return None
+
+    def on_forget(self, req: Forget.Request, resp: Forget.Response) -> Forget.Response:
+        """Delete chosen episodes (``EpisodicMemory.forget``); a request naming nothing is refused."""
+        start, end = _stamp_ns(req.start) or None, _stamp_ns(req.end) or None
+        try:
+            gone = self._memory.forget(ids=list(req.ids) or None, start_ns=start, end_ns=end,
+                                       caption_contains=req.caption_contains or None)
+        except StoreError as exc:
+            resp.success, resp.message = False, clip(f"forget: {exc}", MAX_REPLY_BYTES)
+            return resp
+        resp.success, resp.forgotten_ids = True, gone
+        resp.message = (f"forgot {len(gone)} episodes; {self._store.count()} remain (the memory matrix keeps the "
+                        "superposition of their writes)")
+        self._log.info(resp.message)
+        return resp
 
     def on_save_memory(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
         try:
@@ -978,6 +1117,11 @@ class BitMarNode(LifecycleNode):
             self._lock.notify_all()
         if self._configured and any(p.name == "diagnostics_rate_hz" for p in parameters):
             self._reset_diag_timer()
+        if self._configured and any(p.name.startswith("retention_") for p in parameters):
+            self._memory.retention = self._retention_policy()
+        if self._configured and any(p.name.startswith("pose_max_") for p in parameters):
+            self._poses.config = PoseRingConfig(self._cfg["pose_ring_size"], self._cfg["pose_max_gap_s"],
+                                                self._cfg["pose_max_extrapolate_s"])
         return SetParametersResult(successful=True)
 
     def _reset_diag_timer(self) -> None:
@@ -1002,6 +1146,13 @@ class BitMarNode(LifecycleNode):
             s["memory_writes"] = float(runtime.memory_writes)
             if hasattr(store, "buffer_status"):  # a fleet store: episodes waiting for the database
                 s.update(store.buffer_status())
+            if isinstance(store, EpisodeStore):  # the fleet store's size is the database's
+                try:
+                    s["store_bytes"] = float(store.bytes_used())
+                except StoreError:
+                    pass
+        if self._memory is not None:
+            s.update({k: float(v) for k, v in self._memory.retention_totals.items()})
         for name, pct in (("first_token", self._lat_first), ("final", self._lat_final), ("episode", self._lat_episode),
                           ("caption_to_commit", self._lat_caption), ("camera_callback", self._lat_camera_cb),
                           ("text_callback", self._lat_text_cb)):

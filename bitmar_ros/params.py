@@ -53,6 +53,28 @@ PARAMS: tuple[Param, ...] = (
     Param("num_threads", 1, "torch intra-op threads", 1, 64),
     Param("seed", 0, "seed of sampling", 0, 2**31 - 1),
     Param("diagnostics_rate_hz", 1.0, "rate of /diagnostics messages (0 = off)", 0.0, 50.0, runtime=True),
+    # Where: each episode's pose at its frame's stamp, from a pose topic or tf2.
+    Param("pose_topic", "", "pose source topic (e.g. /odom, /amcl_pose); empty = none (unless pose_tf_frame)"),
+    Param("pose_topic_type", "odometry", "message type of pose_topic: nav_msgs/Odometry, "
+          "geometry_msgs/PoseStamped or geometry_msgs/PoseWithCovarianceStamped",
+          choices=("odometry", "pose_stamped", "pose_with_covariance_stamped")),
+    Param("pose_tf_frame", "", "take each episode's pose from tf2 instead: this frame (e.g. map) ← the camera "
+          "frame at the frame's stamp; needs tf2_ros; empty = off"),
+    Param("pose_ring_size", 512, "recent poses kept for interpolation", 2, 100000),
+    Param("pose_max_gap_s", 0.5, "two poses further apart than this around a frame's stamp give it no pose "
+          "(counted: pose_missing_gap)", 0.0, 60.0, runtime=True),
+    Param("pose_max_extrapolate_s", 0.1, "a stamp this close past the newest pose (or before the oldest) takes "
+          "that pose", 0.0, 10.0, runtime=True),
+    # How long: retention, enforced as episodes arrive (0 = no limit).
+    Param("retention_max_bytes", 0, "disk budget of the store's database in bytes; oldest episodes go first "
+          "(0 = none)", 0, 2**62, runtime=True),
+    Param("retention_max_episodes", 0, "most episodes kept (0 = no limit)", 0, 2**62, runtime=True),
+    Param("retention_max_age_s", 0.0, "episodes older than this (before the newest) are deleted (0 = keep)",
+          0.0, 1e10, runtime=True),
+    Param("retention_thin_interval_s", 0.0, "over a limit, first keep one episode per this many seconds while "
+          "the scene does not change (0 = oldest first only)", 0.0, 1e7, runtime=True),
+    Param("retention_thin_min_cosine", 0.98, "embedding cosine at or above which the scene counts as unchanged "
+          "for thinning", -1.0, 1.0, runtime=True),
 )
 
 BY_NAME = {p.name: p for p in PARAMS}

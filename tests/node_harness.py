@@ -15,13 +15,14 @@ from ros_helpers import REPO, child_env, wait_for
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseStamped
 from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from sensor_msgs.msg import Image
 
 from bitmar_ros.msg import Description, Episode
-from bitmar_ros.srv import QueryMemory
+from bitmar_ros.srv import Forget, QueryMemory
 
 NODE_EXE = str(REPO / "bin" / "bitmar_node")
 _ACK = re.compile(r"\]: episode (\d+) committed ")
@@ -113,6 +114,9 @@ class Harness:
         self.query = n.create_client(QueryMemory, f"/{node_name}/query_memory")
         self.save = n.create_client(Trigger, f"/{node_name}/save_memory")
         self.clear = n.create_client(Trigger, f"/{node_name}/clear_memory")
+        self.forget = n.create_client(Forget, f"/{node_name}/forget")
+        self.goals: list[PoseStamped] = []
+        n.create_subscription(PoseStamped, f"/{node_name}/goal_pose", self.goals.append, 10)
 
     def spin(self) -> None:
         self.ex.spin_once(timeout_sec=0.02)

@@ -1011,3 +1011,86 @@ def test_retention_by_count_age_and_thinning(store):
     report = store.enforce_retention(RetentionPolicy(max_count=10))
     assert [e.id for e in store.all_episodes()] == ids[31:]  # oldest first, down to 9
     assert store.integrity_check() == []
+
+
+def _synthetic(n0: int, n: int, dim: int = DIM, thumb: int = 200):
+    """Episodes n0 .. n0+n-1: stamp = 1 s apart, caption naming the number, a seeded embedding."""
+    from bitmar_core.store import NewEpisode
+
+    rng = np.random.default_rng(n0)
+    embs = rng.standard_normal((n, dim)).astype(np.float32)
+    return [NewEpisode((n0 + i) * 10**9, f"a robot sees object {n0 + i} on shelf {(n0 + i) % 97}", "caption",
+                       embs[i], b"\xff\xd8" + bytes([(n0 + i) % 256]) * thumb) for i in range(n)]
+
+
+def test_add_episodes_is_one_transaction(store):
+    from bitmar_core.store import NewEpisode
+
+    ids = store.add_episodes(_synthetic(0, 5), memory_state=_state(n=5))
+    assert [store.episode(i).caption for i in ids] == [e.caption for e in _synthetic(0, 5)]
+    assert int(store.memory_state()["n_writes"]) == 5
+    bad = _synthetic(5, 3) + [NewEpisode(1, "x", "Not A Source", _emb(np.random.default_rng(0)))]
+    with pytest.raises(StoreInputError, match=r"episodes\[3\].source"):
+        store.add_episodes(bad)
+    assert store.count() == 5
+
+
+@pytest.mark.slow
+def test_retention_keeps_100k_synthetic_episodes_under_a_byte_budget(tmp_path):
+    """100,000 episodes arrive in batches of 2,000 into a store with a 2 MiB budget (room for a few
+    thousand): after every pass the database (file and used pages) is within the budget, and at the
+    end the integrity check is clean and the newest episodes are all there, in a row up to the last."""
+    from bitmar_core.store import RetentionPolicy
+
+    budget = 2 * 1024 * 1024
+    policy = RetentionPolicy(max_bytes=budget)
+    db = tmp_path / "mem" / store_mod.DB_FILENAME
+    added: list[int] = []
+    with EpisodeStore.open(tmp_path / "mem", DIM, IDENTITY) as s:
+        for n0 in range(0, 100_000, 2_000):
+            added += s.add_episodes(_synthetic(n0, 2_000))
+            report = s.enforce_retention(policy)
+            assert report.bytes_used <= budget and s.bytes_used() <= budget
+            assert db.stat().st_size <= budget, f"file of {db.stat().st_size} bytes after {len(added)} episodes"
+        kept = [e.id for e in s.episodes_by_time(limit=MAX_K, newest_first=False)]
+        count = s.count()
+        assert 1_000 < count < 100_000
+        assert s.integrity_check() == []
+    with EpisodeStore.open(tmp_path / "mem", DIM, IDENTITY) as s:
+        ids = [e.id for e in s.all_episodes()]
+        assert ids == added[-count:]  # exactly the newest, none missing in between
+        assert ids[: len(kept)] == kept
+        assert s.integrity_check() == []
+        assert [h.episode.id for h in s.search("object 99999", k=1)] == [added[-1]]
+
+
+@pytest.mark.slow
+def test_kill_during_retention_loses_nothing_it_should_keep(tmp_path):
+    """SIGKILL a retention pass (batches of 50 deletions) at random moments: after each kill the store
+    opens clean, holds every episode the policy keeps, and what is gone is only ever the oldest."""
+    directory = tmp_path / "mem"
+    with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+        added = s.add_episodes(_synthetic(0, 6_000, thumb=2_000))
+    keep = 500
+    runner = REPO / "tests" / "helpers" / "retention_runner.py"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rnd = random.Random(3)
+    counts = []
+    for cycle in range(6):
+        proc = subprocess.Popen([sys.executable, str(runner), str(directory), str(DIM), IDENTITY, str(keep)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and proc.stdout.readline().strip() == b"ready"
+        time.sleep(rnd.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+            assert s.integrity_check() == []
+            ids = [e.id for e in s.all_episodes()]
+            assert ids == added[-len(ids):] and len(ids) >= keep  # a suffix: only the oldest went
+            counts.append(len(ids))
+    assert any(keep < c < len(added) for c in counts), counts  # some kill landed inside the pass
+    with EpisodeStore.open(directory, DIM, IDENTITY) as s:
+        from bitmar_core.store import RetentionPolicy
+        s.enforce_retention(RetentionPolicy(max_count=keep, low_water=1.0))
+        assert [e.id for e in s.all_episodes()] == added[-keep:] and s.integrity_check() == []

@@ -1,0 +1,25 @@
+"""Crash-test retention: enforces a count limit on an EpisodeStore until killed.
+
+Usage: retention_runner.py DIRECTORY DIM IDENTITY KEEP. Deletes in batches of 50 episodes (one
+transaction each, as ``enforce_retention`` does with ``RETENTION_BATCH``), so that a kill lands
+between or inside many transactions. Prints ``ready`` before the first deletion and ``done`` after.
+"""
+
+import sys
+
+from bitmar_core import store as store_mod
+from bitmar_core.store import EpisodeStore, RetentionPolicy
+
+
+def main() -> None:
+    directory, dim, identity, keep = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    store_mod.RETENTION_BATCH = 50
+    store = EpisodeStore.open(directory, dim, identity)
+    print("ready", flush=True)
+    store.enforce_retention(RetentionPolicy(max_count=keep, low_water=1.0))
+    print("done", flush=True)
+    store.close()
+
+
+if __name__ == "__main__":
+    main()
