@@ -9,7 +9,8 @@ bundled checkpoint and ROS, skipped in --quick), footprint (6), retrieval (7, be
 a checkpoint: recall of lexical / embedding / hybrid memory queries and their latency up to 100k episodes),
 train (8, bench/train_speed.py: training throughput of the default recipe beside the previous one),
 answer_lag (9, bench/answer_lag.py; ROS, skipped in --quick: camera callback lag while memory-query
-answers are generated, the node before and after answers left its executor thread).
+answers are generated, the node before and after answers left its executor thread), retention (10,
+bench/retention.py: bytes per episode, and the cost per episode of a byte budget beside no budget).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from .common import DEFAULT_CHECKPOINT, REPO, machine, packed_model
 
-SECTIONS = ("decode", "positions", "vision", "memory", "node", "footprint", "retrieval", "train", "answer_lag")
+SECTIONS = ("decode", "positions", "vision", "memory", "node", "footprint", "retrieval", "train", "answer_lag",
+            "retention")
 
 
 @dataclass
@@ -141,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             sec = retrieval_section(a.quick, a.checkpoint)
         elif name == "answer_lag":
             sec = answer_lag_section(a.quick, a.checkpoint)
+        elif name == "retention":
+            from . import retention
+            sec = retention.run(a.quick)
         elif name == "train":
             from .train_speed import train_speed
             sec = train_speed(a.quick)
