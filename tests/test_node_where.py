@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import ros_helpers  # noqa: F401  (ROS environment first)
-from node_harness import Harness, NodeProcess, write_tiny_checkpoint
+from node_harness import Harness, NodeProcess, frame_message, scene_frame, write_tiny_checkpoint
 from ros_helpers import REPO, child_env
 
 from geometry_msgs.msg import Point
@@ -103,6 +103,27 @@ def test_replayed_bag_with_odometry_gives_posed_episodes_and_where_queries(tmp_p
         assert not nothing.success and "expected ids" in nothing.message
         left = h.ask(captions[0], k=10, near_frame="odom", near=near, radius_m=10.0)
         assert [e.id for e in left.episodes] and {e.id for e in left.episodes} == set(ids[2:])
+
+        # Retention set live: at most 3 episodes. The next episode (a frame and caption published here,
+        # stamped past the odometry: no pose) makes the node delete down to 90% of 3 = 2, oldest first.
+        from rcl_interfaces.msg import Parameter as ParamMsg, ParameterType, ParameterValue
+        from rcl_interfaces.srv import SetParameters
+        from std_msgs.msg import String
+
+        setter = h.node.create_client(SetParameters, "/bitmar/set_parameters")
+        value = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=3)
+        res = h.call(setter, SetParameters.Request(parameters=[ParamMsg(name="retention_max_episodes", value=value)]))
+        assert res.results[0].successful, res.results[0].reason
+        rgb, caption = scene_frame(77)
+        h.image_pub.publish(frame_message(rgb, h))
+        h.text_pub.publish(String(data=caption))
+        h.wait(lambda: len(h.episodes) > len(captions), 60, "the episode after the retention change")
+        newest = h.episodes[-1]
+        assert not newest.has_pose  # stamped now, far past the bag's odometry: a gap, counted
+        kept = h.ask(caption, k=10)
+        assert [e.id for e in kept.episodes] and {e.id for e in kept.episodes} == {ids[-1], newest.id}
+        h.wait(lambda: (h.latest_stat("retention_deleted") or 0) >= len(ids) - 3, 30, "retention_deleted")
+        assert (h.latest_stat("pose_missing_gap") or 0) >= 1 and (h.latest_stat("store_bytes") or 0) > 0
     finally:
         node.stop()
         h.close()
