@@ -1094,3 +1094,15 @@ def test_kill_during_retention_loses_nothing_it_should_keep(tmp_path):
         from bitmar_core.store import RetentionPolicy
         s.enforce_retention(RetentionPolicy(max_count=keep, low_water=1.0))
         assert [e.id for e in s.all_episodes()] == added[-keep:] and s.integrity_check() == []
+
+
+def test_retention_by_bytes_keeps_the_newest_within_the_budget(store):
+    from bitmar_core.store import RetentionPolicy
+
+    ids = store.add_episodes(_synthetic(0, 400, thumb=2_000))
+    budget = store.bytes_used() // 2
+    report = store.enforce_retention(RetentionPolicy(max_bytes=budget))
+    assert report.bytes_used <= budget and store.bytes_used() <= budget
+    kept = [e.id for e in store.all_episodes()]
+    assert 100 < len(kept) <= 200 and kept == ids[-len(kept):]
+    assert store.integrity_check() == []
