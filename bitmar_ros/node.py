@@ -367,6 +367,9 @@ class BitMarNode(LifecycleNode):
         self._runtime: BitMarRuntime | None = None
         self._store: EpisodeStore | None = None
         self._memory: EpisodicMemory | None = None
+        self._poses = PoseRing()           # recent poses of pose_topic (rebuilt at configure)
+        self._tf_buffer = None             # tf2 buffer when pose_tf_frame is set
+        self._tf_listener = None
         self._worker: threading.Thread | None = None
         self._query_pool: ThreadPoolExecutor | None = None
         self._queries_pending = 0
@@ -1237,6 +1240,10 @@ class BitMarNode(LifecycleNode):
             else:
                 self.destroy_publisher(entity)
         self._entities = []
+        if self._tf_listener is not None:  # its subscriptions to /tf and /tf_static
+            self._tf_listener.unregister()
+            self._tf_listener = None
+        self._tf_buffer = None
         self._runtime = None
         self._configured = False
 

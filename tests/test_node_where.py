@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -124,6 +125,65 @@ def test_replayed_bag_with_odometry_gives_posed_episodes_and_where_queries(tmp_p
         assert [e.id for e in kept.episodes] and {e.id for e in kept.episodes} == {ids[-1], newest.id}
         h.wait(lambda: (h.latest_stat("retention_deleted") or 0) >= len(ids) - 3, 30, "retention_deleted")
         assert (h.latest_stat("pose_missing_gap") or 0) >= 1 and (h.latest_stat("store_bytes") or 0) > 0
+    finally:
+        node.stop()
+        h.close()
+
+
+def test_tf_pose_source_without_tf2_ros_stops_with_a_clear_error(tmp_path):
+    """tf2_ros is not on PyPI: where it cannot be imported, pose_tf_frame stops the node at start-up
+    (exit 2) naming the parameter and what to do, instead of storing episodes without poses silently."""
+    try:
+        import tf2_ros  # noqa: F401
+        pytest.skip("tf2_ros is importable here: the tf2 path runs instead")
+    except ImportError:
+        pass
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    r = subprocess.run([sys.executable, str(REPO / "bin" / "bitmar_node"), "--ros-args", "-p", f"checkpoint:={ckpt}",
+                        "-p", f"store_dir:={tmp_path / 's'}", "-p", "pose_tf_frame:=map"],
+                       capture_output=True, text=True, env=child_env(), timeout=120, cwd=str(REPO))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "pose_tf_frame" in r.stderr and "tf2_ros" in r.stderr and "pose_topic" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["pose_stamped", "pose_with_covariance_stamped"])
+def test_pose_topic_types_give_the_interpolated_pose(tmp_path, kind):
+    """A localiser's pose (PoseStamped, or amcl's PoseWithCovarianceStamped) 0.1 s before and 0.3 s
+    after a frame's stamp: the episode's pose lies a quarter of the way, by hand: x 1 → 3 gives 1.5,
+    yaw 0° → 80° gives 20°."""
+    from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+    from std_msgs.msg import String
+
+    msg_type = PoseStamped if kind == "pose_stamped" else PoseWithCovarianceStamped
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    h = Harness()
+    node = NodeProcess(ckpt, tmp_path / "store", "describe_rate_hz:=0.0", "pose_topic:=/amcl_pose",
+                       f"pose_topic_type:={kind}")
+    pub = h.node.create_publisher(msg_type, "/amcl_pose", 10)
+    try:
+        h.wait_connected(node)
+        h.wait(lambda: pub.get_subscription_count() > 0, 60, "the node's pose subscription")
+        rgb, caption = scene_frame(5)
+        frame = frame_message(rgb, h)
+        t = frame.header.stamp.sec * 10**9 + frame.header.stamp.nanosec
+        for dt_ns, x, yaw_deg in ((-100_000_000, 1.0, 0.0), (300_000_000, 3.0, 80.0)):
+            m = msg_type()
+            m.header.frame_id = "map"
+            m.header.stamp.sec, m.header.stamp.nanosec = divmod(t + dt_ns, 10**9)
+            pose = m.pose if kind == "pose_stamped" else m.pose.pose
+            pose.position.x, pose.position.y = x, -x
+            pose.orientation.z, pose.orientation.w = math.sin(math.radians(yaw_deg) / 2), math.cos(math.radians(yaw_deg) / 2)
+            pub.publish(m)
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:  # let both poses arrive before the frame does
+            h.spin()
+        h.image_pub.publish(frame)
+        h.text_pub.publish(String(data=caption))
+        h.wait(lambda: len(h.episodes) == 1, 60, "the episode")
+        e = h.episodes[0]
+        assert e.has_pose and e.pose.header.frame_id == "map"
+        assert (e.pose.pose.position.x, e.pose.pose.position.y) == pytest.approx((1.5, -1.5), abs=1e-9)
+        assert yaw_of(e.pose.pose.orientation) == pytest.approx(math.radians(20.0), abs=1e-6)
     finally:
         node.stop()
         h.close()
