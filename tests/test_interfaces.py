@@ -12,7 +12,7 @@ rclpy = pytest.importorskip("rclpy")
 from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
 
 from bitmar_ros.msg import Description, Episode  # noqa: E402
-from bitmar_ros.srv import QueryMemory  # noqa: E402
+from bitmar_ros.srv import Forget, QueryMemory  # noqa: E402
 
 pytestmark = pytest.mark.ros
 PEER = str(REPO / "tests" / "helpers" / "interface_peer.py")
@@ -43,6 +43,24 @@ def test_query_service_types_round_trip():
     assert out == resp
     assert [e.caption for e in out.episodes] == ["c0", "c1", "c2"]
     assert [bytes(e.thumbnail.data) for e in out.episodes] == [b"\x00", b"\x01\x01", b"\x02\x02\x02"]
+
+
+def test_where_fields_and_forget_round_trip():
+    req = QueryMemory.Request(text="red cup", k=3, near_frame="map", radius_m=2.5, publish_goal=True)
+    req.near.x, req.near.y = 1.25, -3.0
+    out = deserialize_message(serialize_message(req), QueryMemory.Request)
+    assert out == req and (out.near_frame, out.near.x, out.near.y, out.radius_m) == ("map", 1.25, -3.0, 2.5)
+    ep = Episode(id=7, caption="c", source="caption", has_pose=True)
+    ep.pose.header.frame_id = "odom"
+    ep.pose.pose.position.x, ep.pose.pose.orientation.w = 4.5, 1.0
+    resp = QueryMemory.Response(success=True, episodes=[ep], goal_published=True)
+    got = deserialize_message(serialize_message(resp), QueryMemory.Response)
+    assert got == resp and got.episodes[0].pose.pose.position.x == 4.5 and got.goal_published
+    forget = Forget.Request(ids=[1, 2**40], caption_contains="cup")
+    forget.start.sec = 5
+    assert deserialize_message(serialize_message(forget), Forget.Request) == forget
+    done = Forget.Response(success=True, message="forgot 2", forgotten_ids=[1, 2**40])
+    assert deserialize_message(serialize_message(done), Forget.Response) == done
 
 
 @pytest.fixture

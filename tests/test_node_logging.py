@@ -249,6 +249,22 @@ def test_every_logging_path_once_and_the_worker_survives_an_injected_fault(ctx, 
         assert waiting._store is None
         waiting.destroy_node()
 
+        # Where (issue 18): a failed tf2 lookup is logged and counted; a forget is logged.
+        from std_msgs.msg import Header
+
+        from bitmar_ros.srv import Forget
+
+        class NoTransform:
+            def lookup_transform(self, *args, **kwargs):
+                raise LookupError("no transform map <- camera (injected)")
+        node._tf_buffer, node._cfg["pose_tf_frame"] = NoTransform(), "map"
+        frame = N.Frame(1, 10**9, 0, Header(frame_id="camera"), np.zeros((4, 4, 3), np.uint8),
+                        np.zeros((2, 2, 3), np.uint8))
+        assert node._pose_at(frame) is None and stats()["pose_missing_tf"] == 1
+        node._tf_buffer, node._cfg["pose_tf_frame"] = None, ""
+        done = node.on_forget(Forget.Request(caption_contains="no such caption"), Forget.Response())
+        assert done.success and list(done.forgotten_ids) == [] and "forgot 0 episodes" in done.message
+
         # Shutdown with a worker that will not stop and a store that cannot save.
         with node._lock:
             node._stopping = True
