@@ -93,6 +93,11 @@ def test_replayed_bag_with_odometry_gives_posed_episodes_and_where_queries(tmp_p
         assert other.success and list(other.episodes) == [] and "'map'" in other.message
         bad = h.ask(captions[0], k=3, near_frame="odom", near=near, radius_m=-1.0)
         assert not bad.success and "radius_m" in bad.message
+        for fields in ({"near_frame": "odom", "near": Point(x=float("nan")), "radius_m": 1.0},
+                       {"near_frame": "odom", "near": near, "radius_m": float("inf")},
+                       {"radius_m": 1.0}):  # a radius without a frame
+            refused = h.ask(captions[0], k=3, **fields)
+            assert not refused.success and "radius_m" in refused.message and not refused.episodes, fields
         h.wait(lambda: (h.latest_stat("episodes_posed") or 0) >= len(captions), 30, "episodes_posed in /diagnostics")
         assert (h.latest_stat("poses_received") or 0) > 0 and not h.latest_stat("pose_missing_gap")
 
