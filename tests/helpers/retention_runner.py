@@ -2,7 +2,8 @@
 
 Usage: retention_runner.py DIRECTORY DIM IDENTITY KEEP. Deletes in batches of 50 episodes (one
 transaction each, as ``enforce_retention`` does with ``RETENTION_BATCH``), so that a kill lands
-between or inside many transactions. Prints ``ready`` before the first deletion and ``done`` after.
+between or inside many transactions. Prints ``ready`` before the first deletion, ``committed`` after
+each transaction (so the test can kill it mid-pass on any machine) and ``done`` at the end.
 """
 
 import sys
@@ -15,6 +16,14 @@ def main() -> None:
     directory, dim, identity, keep = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     store_mod.RETENTION_BATCH = 50
     store = EpisodeStore.open(directory, dim, identity)
+    commit = store._transaction
+
+    def traced(what, body):
+        result = commit(what, body)
+        print("committed", flush=True)
+        return result
+
+    store._transaction = traced
     print("ready", flush=True)
     store.enforce_retention(RetentionPolicy(max_count=keep, low_water=1.0))
     print("done", flush=True)
