@@ -205,3 +205,27 @@ def test_buffer_is_bounded_and_drops_the_oldest(pg_cluster, dsn):
     assert [e.stamp_ns for e in s.all_episodes()] == [0, 4, 5, 6, 7, 8]  # 1..3 dropped, the rest in order
     assert s.memory_state()["n_writes"] == 8
     s.close()
+
+
+def test_schema_2_database_gains_pose_columns_on_connect(dsn):
+    """A fleet database of schema 2 (before poses): written here, then its pose columns dropped and its
+    version set back, as the previous code left it; opening migrates it, old episodes without a pose."""
+    from bitmar_core.pose import Pose
+
+    s = PgEpisodeStore.open(dsn, DIM, IDENTITY, "r1")
+    old = [s.add_episode(i, f"a red cube {i}", "caption", _emb(i)) for i in range(3)]
+    s.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for c in ("pose_frame", "px", "py", "pz", "qx", "qy", "qz", "qw"):
+            conn.execute(f"ALTER TABLE bitmar_episodes DROP COLUMN {c}")
+        conn.execute("UPDATE bitmar_meta SET value = '2' WHERE key = 'schema_version'")
+    s = PgEpisodeStore.open(dsn, DIM, IDENTITY, "r1")
+    try:
+        assert [s.episode(i).pose for i in old] == [None] * 3
+        new = s.add_episode(9, "a red cube in the lab", "caption", _emb(9), pose=Pose("map", (1.0, 2.0, 0.0)))
+        assert s.episode(new).pose == Pose("map", (1.0, 2.0, 0.0))
+        assert s.integrity_check() == []
+    finally:
+        s.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT value FROM bitmar_meta WHERE key = 'schema_version'").fetchone() == ("3",)
