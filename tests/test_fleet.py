@@ -53,8 +53,12 @@ def test_four_robots_write_into_one_database(pg_cluster):
             assert {e.id: e for e in stored}.keys() >= set(acks.values())          # 0 acknowledged lost
             assert written == len(stored)                                          # nothing written was lost
             # An episode whose commit raced the server's stop can be stored with its acknowledgement
-            # unknown to the robot: it is kept (above: once, in order), never acknowledged twice.
-            assert len(acks) >= written - 2, (robot, len(acks), written)
+            # unknown to the robot: it is kept (above: once, in order), never acknowledged twice. Those
+            # are one run of consecutive episodes (one outage: the in-flight commit, or the buffered
+            # batch flushed as the server went), never more than the outage's few seconds produce.
+            unacked = sorted(set(range(1, written + 1)) - acks.keys())
+            assert unacked == list(range(unacked[0], unacked[0] + len(unacked))) if unacked else True, (robot, unacked)
+            assert len(unacked) <= 5 * RATE_HZ, (robot, unacked)
             assert written >= 0.8 * RATE_HZ * DURATION_S                           # the rate held (2 shared cores)
             assert [int(c.split()[-1]) for c in captions] == list(range(1, written + 1))  # in order
             print(f"{robot}: {written} written, {len(acks)} acknowledged, {len(stored)} stored, "
