@@ -276,11 +276,12 @@ class EpisodicMemory:
         """Text the model generates for the query from its memory read, with the episodes it is
         given with.
 
-        The model conditions on ``[q ; read(M, q)]`` for the query's fused vector q; M's slots
-        blend the writes of every episode, so the read cannot name an episode by itself. The
-        answer therefore lists the query's own top-k retrieval (same text, image and window):
-        the stored episodes that this question is about. The time window narrows that list;
-        the model's read covers the whole memory."""
+        The model conditions on ``[q ; read(M, q)]`` for the query's fused vector q. With the
+        bundled checkpoint's addressing each episode holds a slot of its own and the read finds the
+        one the words name, so the text gives its size reliably and its position better than
+        chance (docs/EVALUATION.md); the slots are a bounded, fading summary, so the answer also
+        lists the query's own top-k retrieval from the store (same text, image and window). The
+        time window narrows that list; the model's read covers the whole memory."""
         if image is not None and code is None:
             code = self.embed_image(image)
         result = self.query(text, code=code, k=k, start_ns=start_ns, end_ns=end_ns, robot_scope=robot_scope, near=near)
