@@ -193,6 +193,20 @@ class NewEpisode:
     pose: Pose | None = None
 
 
+def check_new_episode(n: int, e: "NewEpisode", check_embedding) -> tuple:
+    """Validate episodes[n] of a bulk add (both stores) → (e, embedding, unit, thumbnail, pose row);
+    check_embedding(name, value) → (embedding, unit) is the store's own dimension check."""
+    if not isinstance(e, NewEpisode):
+        raise StoreInputError(f"episodes[{n}]: expected a NewEpisode, got {type(e).__name__}")
+    _check_stamp(f"episodes[{n}].stamp_ns", e.stamp_ns)
+    _check_text(f"episodes[{n}].caption", e.caption, MAX_CAPTION_BYTES, allow_empty=True)
+    if not isinstance(e.source, str) or len(e.source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(e.source):
+        raise StoreInputError(f"episodes[{n}].source: expected a lowercase identifier of ≤ {MAX_SOURCE_CHARS} "
+                              f"chars such as 'caption', got {e.source!r}")
+    emb, unit = check_embedding(f"episodes[{n}].embedding", e.embedding)
+    return e, emb, unit, _check_thumbnail(e.thumbnail_jpeg), _pose_row(e.pose)
+
+
 @dataclass(frozen=True)
 class SpatialFilter:
     """Episodes recorded within ``radius_m`` of (x, y) in ``frame_id``, measured in the frame's x-y
@@ -773,17 +787,7 @@ class EpisodeStore:
                      memory_state: dict[str, np.ndarray] | None = None) -> list[int]:
         """Store many episodes (and a memory state) in one transaction: all or none. For imports and
         bulk loads, where one fsync per episode would dominate; the node records one at a time."""
-        rows = []
-        for n, e in enumerate(episodes):
-            if not isinstance(e, NewEpisode):
-                raise StoreInputError(f"episodes[{n}]: expected a NewEpisode, got {type(e).__name__}")
-            _check_stamp(f"episodes[{n}].stamp_ns", e.stamp_ns)
-            _check_text(f"episodes[{n}].caption", e.caption, MAX_CAPTION_BYTES, allow_empty=True)
-            if not isinstance(e.source, str) or len(e.source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(e.source):
-                raise StoreInputError(f"episodes[{n}].source: expected a lowercase identifier of ≤ {MAX_SOURCE_CHARS} "
-                                      f"chars such as 'caption', got {e.source!r}")
-            emb, unit = self._check_embedding(f"episodes[{n}].embedding", e.embedding)
-            rows.append((e, emb, unit, _check_thumbnail(e.thumbnail_jpeg), _pose_row(e.pose)))
+        rows = [check_new_episode(n, e, self._check_embedding) for n, e in enumerate(episodes)]
         state_rows = _encode_state(memory_state) if memory_state is not None else None
         with self._lock:
             conn = self._require_open()

@@ -30,7 +30,6 @@ import collections
 import json
 import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -322,18 +321,12 @@ class PgEpisodeStore:
     def add_episodes(self, episodes, memory_state: dict[str, np.ndarray] | None = None) -> list[int]:
         """Store many episodes of this robot (``store.NewEpisode``) and a memory state in one
         transaction: all or none; never buffered (an unreachable database raises)."""
-        from .store import NewEpisode
+        from .store import check_new_episode
         items = []
-        for n, e in enumerate(episodes):
-            if not isinstance(e, NewEpisode):
-                raise StoreInputError(f"episodes[{n}]: expected a NewEpisode, got {type(e).__name__}")
-            _check_stamp(f"episodes[{n}].stamp_ns", e.stamp_ns)
-            _check_text(f"episodes[{n}].caption", e.caption, MAX_CAPTION_BYTES, allow_empty=True)
-            if not isinstance(e.source, str) or len(e.source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(e.source):
-                raise StoreInputError(f"episodes[{n}].source: expected a lowercase identifier, got {e.source!r}")
-            emb, unit = _check_embedding_array(f"episodes[{n}].embedding", e.embedding, self.embedding_dim)
-            items.append(_Pending(int(e.stamp_ns), e.caption, e.source, emb, unit, _check_thumbnail(e.thumbnail_jpeg),
-                                  0, None, _pose_row(e.pose)))
+        for n, episode in enumerate(episodes):
+            e, emb, unit, thumb, pose_row = check_new_episode(
+                n, episode, lambda name, value: _check_embedding_array(name, value, self.embedding_dim))
+            items.append(_Pending(int(e.stamp_ns), e.caption, e.source, emb, unit, thumb, 0, None, pose_row))
         state_rows = _encode_state(memory_state) if memory_state is not None else None
         with self._lock:
             if self._closed:
