@@ -29,9 +29,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "bitmar-train=bitmar_core.train:main",
-            "bitmar-eval=bitmar_core.evaluate:main",
-            "bitmar-extract-features=bitmar_core.extract_features:main",
+            "bitmar-train=bitmar_core.training.train:main",
+            "bitmar-eval=bitmar_core.evaluation.evaluate:main",
+            "bitmar-extract-features=bitmar_core.data.extract_features:main",
         ],
     },
 )

@@ -133,8 +133,8 @@ def random_checkpoint() -> str:
     """A random init of the deployed architecture, packed (its answers run to the token limit)."""
     import torch
 
-    from bitmar_core.checkpoint import save_checkpoint
-    from bitmar_core.model import BitMar
+    from bitmar_core.inference.checkpoint import save_checkpoint
+    from bitmar_core.model.bitmar import BitMar
 
     from .common import bitmar_config
 

@@ -119,7 +119,7 @@ def ms(seconds: float, digits: int = 3) -> str:
 def bitmar_config(**overrides):
     """The deployed architecture: config/model_default.yaml (the paper's sizes) with the tied
     2-bit embedding of config/train_default.yaml."""
-    from bitmar_core.config import BitMarConfig
+    from bitmar_core.model.config import BitMarConfig
 
     d = BitMarConfig.from_yaml(REPO / "config" / "model_default.yaml").to_dict()
     d.update(tie_embeddings=True)
@@ -130,9 +130,9 @@ def bitmar_config(**overrides):
 def packed_model(checkpoint: str | None = None, seed: int = 0, **overrides):
     """The bundled (or given) packed checkpoint; without one, a random init of `bitmar_config`,
     packed (speed and size do not depend on the weights' values)."""
-    from bitmar_core.checkpoint import load_checkpoint
-    from bitmar_core.model import BitMar
-    from bitmar_core.quant import pack_model
+    from bitmar_core.inference.checkpoint import load_checkpoint
+    from bitmar_core.model.bitmar import BitMar
+    from bitmar_core.model.quant import pack_model
 
     if checkpoint and Path(checkpoint).is_file() and not overrides:
         return load_checkpoint(checkpoint), str(checkpoint)

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitmar_core.decoder import SinkKVCache
-from bitmar_core.fast import FastDecoder
-from bitmar_core.generation import sample_token
+from bitmar_core.model.decoder import SinkKVCache
+from bitmar_core.inference.fast_decoder import FastDecoder
+from bitmar_core.inference.decoding import sample_token
 
 from .common import Table, interleaved, median, ms, spread, threads
 

@@ -44,10 +44,10 @@ def _trim() -> None:
 
 def worker(path: str, mode: str, tokens: int) -> dict:
     """Runs in the subprocess: load, decode `tokens` greedily through DecoderSession, report."""
-    import bitmar_core.checkpoint as ckpt
-    from bitmar_core import fast
-    from bitmar_core.generation import DecoderSession
-    from bitmar_core.tokenizer import default_tokenizer
+    import bitmar_core.inference.checkpoint as ckpt
+    from bitmar_core.inference import fast_decoder as fast
+    from bitmar_core.inference.decoding import DecoderSession
+    from bitmar_core.inference.tokenizer import default_tokenizer
 
     tokenizer = default_tokenizer()  # not the model: loaded before the baseline
     fast.load_extension()
@@ -69,8 +69,8 @@ def worker(path: str, mode: str, tokens: int) -> dict:
 
 
 def footprint(quick: bool) -> Table:
-    from bitmar_core.checkpoint import save_checkpoint
-    from bitmar_core.model import BitMar
+    from bitmar_core.inference.checkpoint import save_checkpoint
+    from bitmar_core.model.bitmar import BitMar
 
     tokens = 32 if quick else 128
     t = Table("6. Checkpoint size and peak RSS of the model alone",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from bitmar_core.memory import EpisodicMemory
+from bitmar_core.model.memory import EpisodicMemory
 
 from .common import Table, bitmar_config, interleaved, median, ms, per_call, spread, threads
 
@@ -40,6 +40,6 @@ def read_write(quick: bool) -> Table:
               f"{ms(r)} {spread(res[f'read {K}'])}", f"{r / r0:.1f}×", f"{ms(w)} {spread(res[f'write {K}'])}",
               f"{w / w0:.1f}×")
     t.notes.append("read: w_r = softmax(M q), M_r = w_rᵀ M, usage += w_r; write: w_w = softmax(W_w q), "
-                   "M += α w_w qᵀ, usage decay and forgetting over all K slots (bitmar_core/memory.py)")
+                   "M += α w_w qᵀ, usage decay and forgetting over all K slots (bitmar_core/model/memory.py)")
     t.notes.append(f"median of {rounds} interleaved rounds of {n512:,}·512/K calls")
     return t

@@ -32,7 +32,7 @@ def _pct(values, q):
 
 def baseline_latencies(checkpoint: str, frames: list[np.ndarray], max_new_tokens: int) -> dict[str, float]:
     """The model alone, in this process: frame → first token and → final, per frame."""
-    from bitmar_core.runtime import BitMarRuntime
+    from bitmar_core.inference.runtime import BitMarRuntime
 
     rt = BitMarRuntime.from_checkpoint(checkpoint, num_threads=1)
     first, final = [], []

@@ -32,14 +32,14 @@ SECTION_TITLE = "7. Memory retrieval on held-out scenes (bench/retrieval.py)"
 
 # ------------------------------------------------------------------ data
 def _content_words(caption: str) -> list[str]:
-    from bitmar_core.store import STOPWORDS
+    from bitmar_core.episodes.store import STOPWORDS
     return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", caption.lower()) if w not in STOPWORDS))
 
 
 def _paraphrase(words: list[str]) -> tuple[list[str], int]:
     """Each word with a synonym in the caption grammar replaced by another of its group
     ("purple" → "violet", "circle" → "disk", "big" → "large"); plurals keep their "s"."""
-    from bitmar_core.episodic import CAPTION_SYNONYM_GROUPS
+    from bitmar_core.episodes.service import CAPTION_SYNONYM_GROUPS
 
     other = {g[i]: g[(i + 1) % len(g)] for g in CAPTION_SYNONYM_GROUPS for i in range(len(g))}
     def plural(w: str) -> str:
@@ -129,9 +129,9 @@ def _store_dir() -> Path:
 
 def build_store(runtime, captions: list[str], embeddings: np.ndarray):
     """A store with episode i at stamp (i + 1) s; returns it and the ids in input order."""
-    from bitmar_core.episodic import EpisodicMemory
+    from bitmar_core.episodes.service import EpisodicMemoryService
 
-    store = EpisodicMemory.open_store(runtime, _store_dir())
+    store = EpisodicMemoryService.open_store(runtime, _store_dir())
     ids = [store.add_episode((i + 1) * 1_000_000_000, c, "caption", e) for i, (c, e) in
            enumerate(zip(captions, embeddings))]
     return store, ids
@@ -180,7 +180,7 @@ def bag_ceiling(captions: list[str], target_captions: list[str]) -> float:
     words (synonyms merged) are exactly those of m other stored captions can win only 1 in m + 1."""
     from collections import Counter
 
-    from bitmar_core.episodic import CAPTION_SYNONYM_GROUPS
+    from bitmar_core.episodes.service import CAPTION_SYNONYM_GROUPS
 
     head = {w: g[0] for g in CAPTION_SYNONYM_GROUPS for w in g}
 
@@ -204,18 +204,18 @@ def _metrics(r: list[int]) -> tuple[float, float, float]:
 def latency(runtime, captions: list[str], embeddings: np.ndarray, sizes: list[int],
             queries: list[str]) -> dict[int, dict[str, list[float]]]:
     """Per store size, seconds per query of the pre-change path (query embedding + brute-force
-    cosine, as the node did) and of the hybrid path (EpisodicMemory.query), interleaved."""
-    from bitmar_core.episodic import EpisodicMemory
+    cosine, as the node did) and of the hybrid path (EpisodicMemoryService.query), interleaved."""
+    from bitmar_core.episodes.service import EpisodicMemoryService
 
     out = {}
     for size in sizes:
         t0 = time.time()
-        store = EpisodicMemory.open_store(runtime, _store_dir())
+        store = EpisodicMemoryService.open_store(runtime, _store_dir())
         for i in range(size):  # the real episodes, cycled: duplicates are what a long-lived robot stores too
             store.add_episode((i + 1) * 1_000_000_000, captions[i % len(captions)], "caption",
                               embeddings[i % len(embeddings)])
         print(f"  latency store of {size:,} episodes built in {time.time() - t0:.0f} s", flush=True)
-        memory = EpisodicMemory(runtime, store)
+        memory = EpisodicMemoryService(runtime, store)
         times = {"before": [], "after": [], "lexical": []}
 
         def before(q):
@@ -262,7 +262,7 @@ class Section:
 
 def run(checkpoint: str, quick: bool = False, cache_dir: Path | None = REPO / ".cache" / "bench_retrieval",
         n_targets: int | None = None, n_large: int | None = None, sizes: list[int] | None = None) -> Section:
-    from bitmar_core.runtime import BitMarRuntime
+    from bitmar_core.inference.runtime import BitMarRuntime
 
     n_targets = n_targets or (40 if quick else 100)
     n_large = n_large or (2_000 if quick else 10_000)
@@ -312,11 +312,11 @@ def run(checkpoint: str, quick: bool = False, cache_dir: Path | None = REPO / ".
 
 
 def _check_product_path(runtime, store, targets) -> None:
-    """The hybrid rows call EpisodeStore.search directly; EpisodicMemory.query (what the node
+    """The hybrid rows call EpisodeStore.search directly; EpisodicMemoryService.query (what the node
     serves) must return the same list."""
-    from bitmar_core.episodic import EpisodicMemory
+    from bitmar_core.episodes.service import EpisodicMemoryService
 
-    memory = EpisodicMemory(runtime, store)
+    memory = EpisodicMemoryService(runtime, store)
     for t in targets[:10]:
         text = " ".join(t.words)
         direct = store.search(text, runtime.embed_query(text, None), K_EVAL)
@@ -364,7 +364,7 @@ def report(results, lat, n_small: int, n_large: int, checkpoint: str, identity: 
         "noise); (d) (a3) restricted to a time window around the target holding ~10% of the store",
         "lexical: BM25 over the captions (FTS5, porter stemmer, the grammar's synonym groups as one word each, "
         "every-word matches first); embedding: cosine of the model's query embedding (`embed_query`) to the "
-        "stored episode embeddings; hybrid (`EpisodeStore.search`, what `EpisodicMemory.query` and the node "
+        "stored episode embeddings; hybrid (`EpisodeStore.search`, what `EpisodicMemoryService.query` and the node "
         "serve): captions with every word first, then reciprocal rank fusion of both rankings, k = 60; image "
         "queries have no words, so hybrid is the embedding ranking. R@n: the target among the first n; MRR over "
         "the top 10 (0 when absent)",
@@ -374,7 +374,7 @@ def report(results, lat, n_small: int, n_large: int, checkpoint: str, identity: 
         "many captions share",
         f"latency: 1 thread, text queries ((a), (a3), (b) mixed, {len(next(iter(lat.values()))['after'])} per size), "
         "each timed once per variant in rotating order; before = the query path before this change (query "
-        "embedding + brute-force cosine + fetch, as the node ran it), after = `EpisodicMemory.query` (embedding "
+        "embedding + brute-force cosine + fetch, as the node ran it), after = `EpisodicMemoryService.query` (embedding "
         "+ FTS5 + fusion + fetch); the real episodes above cycled to fill each size; stores on tmpfs",
         "where the lexical part's time goes: FTS5's bm25 counts the captions holding each query word on every "
         "query, reading that word's whole posting list; the caption grammar has ~60 content words, so each is "

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bitmar_core.store import EpisodeStore
-from bitmar_core.store_pg import HNSW_EF_SEARCH, PgEpisodeStore, _vector_text
+from bitmar_core.episodes.store import EpisodeStore
+from bitmar_core.episodes.store_pg import HNSW_EF_SEARCH, PgEpisodeStore, _vector_text
 
 DIM = 128
 IDENTITY = "bench-store-pg C=128"
@@ -64,7 +64,7 @@ def _pct(xs, p) -> float:
 
 def _bulk_sqlite(store: EpisodeStore, emb, captions, start: int) -> None:
     """Fill past the measured inserts in one transaction (the bench's shortcut, not an API)."""
-    from bitmar_core.store import _normalise
+    from bitmar_core.episodes.store import _normalise
     conn = store._conn
 
     def body():

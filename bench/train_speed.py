@@ -17,11 +17,11 @@ STEPS_PER_ROUND = 3
 
 
 def _setup(previous: bool, n_scenes: int):
-    from bitmar_core.config import BitMarConfig
+    from bitmar_core.model.config import BitMarConfig
     from bitmar_core.data.datasets import ImageCaptionDataset
     from bitmar_core.data.streams import IGNORE
-    from bitmar_core.model import BitMar
-    from bitmar_core.tokenizer import tokenizer_for
+    from bitmar_core.model.bitmar import BitMar
+    from bitmar_core.inference.tokenizer import tokenizer_for
     from bitmar_core.training.data import episode_batches, scene_cache, scene_ground_truth, training_vocabulary
     from bitmar_core.training.recipe import load_recipe
     from bitmar_core.training.state import build_optimizer

@@ -12,11 +12,11 @@ import warnings
 import numpy as np
 import torch
 
-from bitmar_core.backbones import build_backbone
-from bitmar_core.config import BACKBONE_FEATURE_DIMS
-from bitmar_core.model import BitMar
-from bitmar_core.quant import pack_model
-from bitmar_core.runtime import BitMarRuntime
+from bitmar_core.inference.backbones import build_backbone
+from bitmar_core.model.config import BACKBONE_FEATURE_DIMS
+from bitmar_core.model.bitmar import BitMar
+from bitmar_core.model.quant import pack_model
+from bitmar_core.inference.runtime import BitMarRuntime
 
 from .common import Table, bitmar_config, interleaved, median, ms, per_call, spread, threads
 

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     # Imported here, not at module level: loading torch and the checkpoint is the command's work.
-    from bitmar_core.runtime import RuntimeError_
-    from bitmar_core.store import StoreError
+    from bitmar_core.inference.runtime import RuntimeLoadError
+    from bitmar_core.episodes.store import StoreError
 
     from .app import LOOPBACK_HOSTS, create_app
     from .memory_view import MAX_PAGE_SIZE, MemoryView
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint or default_checkpoint()
     try:
         view = MemoryView.open(checkpoint, args.store, allow_clear=args.allow_clear, num_threads=args.num_threads)
-    except (RuntimeError_, StoreError) as exc:
+    except (RuntimeLoadError, StoreError) as exc:
         print(f"bitmar_memory_browser: cannot open the store {args.store} with the checkpoint {checkpoint}: {exc}",
               file=sys.stderr)
         return 2

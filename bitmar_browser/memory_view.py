@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 
 # The one place the episodic-memory class is named (another name may follow; change it here only).
-from bitmar_core.episodic import EpisodicMemory as _EpisodicMemory
-from bitmar_core.runtime import BitMarRuntime
-from bitmar_core.store import MAX_STAMP_NS, Episode, EpisodeStore, StoreError
+from bitmar_core.episodes.service import EpisodicMemoryService
+from bitmar_core.inference.runtime import BitMarRuntime
+from bitmar_core.episodes.store import MAX_STAMP_NS, Episode, EpisodeStore, StoreError
 
 MAX_PAGE_SIZE = 100          # episodes on one timeline page
 MAX_QUERY_K = 50             # the node's default `max_query_k`
@@ -67,7 +67,7 @@ class MemoryView:
     at most one request's reads.
     """
 
-    def __init__(self, memory: _EpisodicMemory, store_dir: Path, allow_clear: bool = False) -> None:
+    def __init__(self, memory: EpisodicMemoryService, store_dir: Path, allow_clear: bool = False) -> None:
         self.memory = memory
         self.store: EpisodeStore = memory.store
         self.store_dir = Path(store_dir)
@@ -78,10 +78,10 @@ class MemoryView:
     def open(cls, checkpoint: str | Path, store_dir: str | Path, *, allow_clear: bool = False,
              num_threads: int = 1) -> "MemoryView":
         """Load the model (for embedding text and image queries) and open its store read-only.
-        Raises ``RuntimeError_`` (checkpoint) or ``StoreError`` (store: missing, another model's)."""
+        Raises ``RuntimeLoadError`` (checkpoint) or ``StoreError`` (store: missing, another model's)."""
         runtime = BitMarRuntime.from_checkpoint(checkpoint, num_threads=num_threads)
         store = EpisodeStore.open_read_only(store_dir, runtime.embedding_dim, runtime.identity)
-        return cls(_EpisodicMemory(runtime, store), Path(store_dir), allow_clear=allow_clear)
+        return cls(EpisodicMemoryService(runtime, store), Path(store_dir), allow_clear=allow_clear)
 
     def close(self) -> None:
         self.store.close()
@@ -116,7 +116,7 @@ class MemoryView:
     # ------------------------------------------------------------------ search
     def search(self, text: str | None, image: bytes | None = None, *, k: int = 10,
                start_ns: int | None = None, end_ns: int | None = None):
-        """The node's query service's retrieval (``EpisodicMemory.query``: BM25 over the captions
+        """The node's query service's retrieval (``EpisodicMemoryService.query``: BM25 over the captions
         fused with the model's embeddings) for a text and/or an encoded image (JPEG, PNG, ...)."""
         text = (text or "").strip() or None
         if text is not None and len(text) > MAX_QUERY_CHARS:
@@ -171,7 +171,7 @@ class MemoryView:
 
     # ------------------------------------------------------------------ clearing
     def clear(self) -> int:
-        """Forget every episode and the memory state (``EpisodicMemory.clear`` on a read-write
+        """Forget every episode and the memory state (``EpisodicMemoryService.clear`` on a read-write
         open of the store, closed again at once). Only with ``allow_clear``. Returns how many
         episodes were forgotten."""
         if not self.allow_clear:
@@ -181,7 +181,7 @@ class MemoryView:
             writable = EpisodeStore.open(self.store_dir, runtime.embedding_dim, runtime.identity, create=False)
             try:
                 forgotten = writable.count()
-                _EpisodicMemory(runtime, writable).clear()
+                EpisodicMemoryService(runtime, writable).clear()
             finally:
                 writable.close()
         self.store.refresh()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bitmar_core.pose import Pose
-from bitmar_core.store import Episode, EpisodeStore, NewEpisode, StoreError
+from bitmar_core.episodes.pose import Pose
+from bitmar_core.episodes.store import Episode, EpisodeStore, NewEpisode, StoreError
 
 FORMAT = "bitmar_memory_export"
 FORMAT_VERSION = 1

@@ -6,7 +6,7 @@ queries (retrieval, and answers that decode up to ``answer_max_new_tokens`` toke
 holds up the camera and caption callbacks. The model lock is taken per decoded token, so a query is
 answered while a description is being generated. Everything model- or storage-shaped is
 ``bitmar_core``: episodes are recorded, queried, answered, saved and cleared by
-``bitmar_core.episodic.EpisodicMemory``.
+``bitmar_core.episodes.service.EpisodicMemoryService``.
 
 Rules at the door (each counted in ``/diagnostics``):
 
@@ -44,7 +44,7 @@ shuts down cleanly and exits with code ``EXIT_CRASH_LOOP`` (3), for ``respawn`` 
 
 Where and how long (issue 18): with a pose source (``pose_topic`` of type ``pose_topic_type``, or tf2
 with ``pose_tf_frame`` where ``tf2_ros`` is importable) each episode is stored with the pose at its
-frame's stamp, interpolated in a ring of recent poses (``bitmar_core.pose``); a frame whose stamp
+frame's stamp, interpolated in a ring of recent poses (``bitmar_core.episodes.pose``); a frame whose stamp
 falls in a gap gets none (``pose_missing_gap``, ``pose_missing_no_pose``, ``pose_missing_tf``).
 Queries may ask for episodes near a point (``near_frame``/``near``/``radius_m``) and have the top
 episode's pose published on ``~/goal_pose``. The ``retention_*`` parameters bound the store as
@@ -103,10 +103,10 @@ from std_srvs.srv import Trigger
 
 from geometry_msgs.msg import PoseStamped
 
-from bitmar_core.episodic import EpisodicError, EpisodicMemory, model_input
-from bitmar_core.pose import Pose, PoseError, PoseRing, PoseRingConfig
-from bitmar_core.runtime import BitMarRuntime, RuntimeError_
-from bitmar_core.store import EpisodeStore, EpisodeStoreAPI, RetentionPolicy, SpatialFilter, StoreError
+from bitmar_core.episodes.service import EpisodicError, EpisodicMemoryService, model_input
+from bitmar_core.episodes.pose import Pose, PoseError, PoseRing, PoseRingConfig
+from bitmar_core.inference.runtime import BitMarRuntime, RuntimeLoadError
+from bitmar_core.episodes.store import EpisodeStore, EpisodeStoreAPI, RetentionPolicy, SpatialFilter, StoreError
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode
@@ -366,7 +366,7 @@ class BitMarNode(LifecycleNode):
         self._rejections_full = False
         self._runtime: BitMarRuntime | None = None
         self._store: EpisodeStore | None = None
-        self._memory: EpisodicMemory | None = None
+        self._memory: EpisodicMemoryService | None = None
         self._poses = PoseRing()           # recent poses of pose_topic (rebuilt at configure)
         self._tf_buffer = None             # tf2 buffer when pose_tf_frame is set
         self._tf_listener = None
@@ -462,7 +462,7 @@ class BitMarNode(LifecycleNode):
         self._reset_pipeline()
         self._runtime = self._load_runtime()
         self._store = self._open_store()
-        self._memory = EpisodicMemory(self._runtime, self._store, retention=self._retention_policy())
+        self._memory = EpisodicMemoryService(self._runtime, self._store, retention=self._retention_policy())
         self._restore_memory()
         self._poses = PoseRing(PoseRingConfig(self._cfg["pose_ring_size"], self._cfg["pose_max_gap_s"],
                                               self._cfg["pose_max_extrapolate_s"]))
@@ -552,18 +552,18 @@ class BitMarNode(LifecycleNode):
                 self._checkpoint, backbone=self._cfg["backbone"] or None,
                 dinov2_weights_dir=self._cfg["dinov2_weights_dir"] or None,
                 num_threads=self._cfg["num_threads"], seed=self._cfg["seed"])
-        except (RuntimeError_, OSError, ValueError) as exc:
+        except (RuntimeLoadError, OSError, ValueError) as exc:
             raise StartupError(f"cannot load checkpoint '{self._checkpoint}': {exc}") from exc
 
     def _open_store(self) -> EpisodeStoreAPI:
         self._store_dir = os.path.expanduser(self._cfg["store_dir"])
-        dsn = self._cfg["store_dsn"]  # set: the fleet's PostgreSQL store (bitmar_core/store_pg.py)
+        dsn = self._cfg["store_dsn"]  # set: the fleet's PostgreSQL store (bitmar_core/episodes/store_pg.py)
         robot_id = self._cfg["robot_id"] or self.get_fully_qualified_name()
         if dsn:
-            from bitmar_core.store_pg import mask_dsn
+            from bitmar_core.episodes.store_pg import mask_dsn
         where = mask_dsn(dsn) if dsn else self._store_dir  # never the password
         try:
-            store = EpisodicMemory.open_store(self._runtime, self._store_dir, store_dsn=dsn, robot_id=robot_id)
+            store = EpisodicMemoryService.open_store(self._runtime, self._store_dir, store_dsn=dsn, robot_id=robot_id)
         except StoreError as exc:
             raise StartupError(f"cannot open episodic store '{where}': {exc} "
                                "(the store was left untouched)") from exc
@@ -939,7 +939,7 @@ class BitMarNode(LifecycleNode):
 
     def _describe_if_changed(self, frame: Frame) -> None:
         code = self._runtime.embed_frame(frame.rgb)
-        scene = self._runtime.scene_vector(code)
+        scene = code.scene
         if self._last_scene is not None and 1.0 - float(scene @ self._last_scene) <= self._cfg["scene_change_threshold"]:
             return
         self._describe(frame, code)
@@ -947,7 +947,7 @@ class BitMarNode(LifecycleNode):
     def _describe(self, frame: Frame, code=None) -> None:
         if code is None:
             code = self._runtime.embed_frame(frame.rgb)
-        self._last_scene = self._runtime.scene_vector(code)
+        self._last_scene = code.scene
         self._stream_id += 1
         text, index, first = "", 0, None
         for token_id, delta in self._runtime.describe(code, max_new_tokens=self._cfg["max_new_tokens"],
@@ -1068,7 +1068,7 @@ class BitMarNode(LifecycleNode):
         return None
 
     def on_forget(self, req: Forget.Request, resp: Forget.Response) -> Forget.Response:
-        """Delete chosen episodes (``EpisodicMemory.forget``); a request naming nothing is refused."""
+        """Delete chosen episodes (``EpisodicMemoryService.forget``); a request naming nothing is refused."""
         start, end = _stamp_ns(req.start) or None, _stamp_ns(req.end) or None
         try:
             gone = self._memory.forget(ids=list(req.ids) or None, start_ns=start, end_ns=end,

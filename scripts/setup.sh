@@ -73,10 +73,10 @@ if [ ! -f "$cli_stamp" ] || [ "$(cat "$cli_stamp")" != "$cli_want" ] || [ ! -x "
     --no-index "$ROOT" >"$ROOT/build/cli_install.log" 2>&1 || { tail -30 "$ROOT/build/cli_install.log"; exit 1; }
   echo "$cli_want" > "$cli_stamp"
 fi
-# --- fast decoder extension (bitmar_core/fast.py, csrc/bitmar_fast.cpp) ---------------------------
+# --- fast decoder extension (bitmar_core/inference/fast_decoder.py, csrc/bitmar_fast.cpp) ---------------------------
 # The C++ decode step, compiled against this venv's torch into $VENV/lib/bitmar_fast (~1 min the
 # first time, nothing while csrc/ and torch are unchanged). Without it FastDecoder uses its PyTorch step.
-if ! (cd "$ROOT" && "$VENV/bin/python" -m bitmar_core.fast --build >"$ROOT/build/fast_ext.log" 2>&1); then
+if ! (cd "$ROOT" && "$VENV/bin/python" -m bitmar_core.inference.fast_decoder --build >"$ROOT/build/fast_ext.log" 2>&1); then
   log "fast decoder extension not built (build/fast_ext.log); FastDecoder will use its PyTorch step"
 fi
 # --- end fast decoder extension --------------------------------------------------------------------

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.model import BitMar
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.bitmar import BitMar
 
 torch.set_num_threads(1)
 

@@ -31,9 +31,9 @@ _ACK = re.compile(r"\]: episode (\d+) committed ")
 def write_tiny_checkpoint(path: Path, **overrides) -> Path:
     """A small random BitMar with the real tokenizer and the EfficientNet-Lite0 feature width, so a
     node starts in seconds; behaviour tests do not need a trained model."""
-    from bitmar_core.checkpoint import save_checkpoint
-    from bitmar_core.config import BitMarConfig
-    from bitmar_core.model import BitMar
+    from bitmar_core.inference.checkpoint import save_checkpoint
+    from bitmar_core.model.config import BitMarConfig
+    from bitmar_core.model.bitmar import BitMar
 
     cfg = dict(d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, max_text_len=64,
                vision_feature_dim=1280, vision_hidden=64, n_fusion_queries=2, memory_slots=32, memory_dim=32,
@@ -42,6 +42,17 @@ def write_tiny_checkpoint(path: Path, **overrides) -> Path:
     torch.manual_seed(0)
     save_checkpoint(BitMar(BitMarConfig(**cfg)), path, packed=True)
     return path
+
+
+def replay_bag(bag: Path, rate: float = 2.0) -> None:
+    """Replay a demo-layout bag (camera on /camera/image_raw, captions on /captions) into the node's
+    ``image`` and ``text`` topics with bin/bitmar_bag_replay, once the node subscribes; fails the
+    test with the replayer's output if it does not exit 0."""
+    replay = subprocess.run(
+        [sys.executable, str(REPO / "bin" / "bitmar_bag_replay"), str(bag), "--rate", str(rate),
+         "--remap", "/camera/image_raw:=/image", "/captions:=/text", "--wait-for-subscribers"],
+        env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
 
 
 class ChildProcess:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from bitmar_core import backbones
-from bitmar_core.backbones import (Dinov2Backbone, EfficientNetLite0Backbone, PrecomputedFeatures,
+from bitmar_core.inference import backbones
+from bitmar_core.inference.backbones import (Dinov2Backbone, EfficientNetLite0Backbone, PrecomputedFeatures,
                                    build_backbone)
 
 torch.set_num_threads(1)

@@ -4,14 +4,12 @@ service are checked against the bag's own captions; a restart must give the same
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 import ros_helpers  # noqa: F401
-from node_harness import Harness, NodeProcess, frame_message, write_tiny_checkpoint
-from ros_helpers import REPO, child_env
+from node_harness import Harness, NodeProcess, frame_message, replay_bag, write_tiny_checkpoint
+from ros_helpers import REPO
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -34,11 +32,7 @@ def test_replayed_bag_becomes_episodes_descriptions_and_answers(bag, tmp_path):
     node = NodeProcess(ckpt, store, "describe_rate_hz:=4.0", "max_new_tokens:=6")
     try:
         h.wait_connected(node)
-        replay = subprocess.run(
-            [sys.executable, str(REPO / "bin" / "bitmar_bag_replay"), str(bag), "--rate", "2",
-             "--remap", "/camera/image_raw:=/image", "/captions:=/text", "--wait-for-subscribers"],
-            env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=300)
-        assert replay.returncode == 0, replay.stdout + replay.stderr
+        replay_bag(bag)
         h.wait(lambda: len(h.episodes) >= len(captions), 120, "one episode per caption in the bag")
         assert [e.caption for e in h.episodes] == captions
         h.wait(lambda: any(d.is_final for d in h.descriptions), 60, "a complete description")

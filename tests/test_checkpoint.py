@@ -8,14 +8,14 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config_dict
 
-from bitmar_core.checkpoint import (CheckpointError, load_checkpoint, load_memory_state, save_checkpoint,
+from bitmar_core.inference.checkpoint import (CheckpointError, load_checkpoint, load_memory_state, save_checkpoint,
                                     save_memory_state)
-from bitmar_core.config import BitMarConfig
-from bitmar_core.fast import FastDecoder
-from bitmar_core.generation import DecoderSession
-from bitmar_core.model import BitMar
-from bitmar_core.quant import BitLinear, PackedBitLinear, unpack_ternary
-from bitmar_core.tokenizer import build_vocabulary, default_tokenizer, tokenizer_for
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.inference.fast_decoder import FastDecoder
+from bitmar_core.inference.decoding import DecoderSession
+from bitmar_core.model.bitmar import BitMar
+from bitmar_core.model.quant import BitLinear, PackedBitLinear, unpack_ternary
+from bitmar_core.inference.tokenizer import build_vocabulary, default_tokenizer, tokenizer_for
 
 
 def _outputs(model):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bitmar_core.config import BitMarConfig
+from bitmar_core.model.config import BitMarConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

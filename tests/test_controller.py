@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bitmar_core.controller import AdaptiveController, ControllerConfig, encoder_parameters
+from bitmar_core.training.controller import AdaptiveController, ControllerConfig, encoder_parameters
 
 HIGH, LOW, DROP_AT = 0.5, 0.2, 300  # similarity 0.5 for steps 1..300, then 0.2
 
@@ -110,7 +110,7 @@ def test_action_choice_is_seeded(tiny_model):
 
 
 def test_state_dict_round_trip_mid_intervention(tiny_model, tiny_config):
-    from bitmar_core.model import BitMar
+    from bitmar_core.model.bitmar import BitMar
 
     ctrl = AdaptiveController(ControllerConfig(actions=["freeze_text", "freeze_vision"], seed=1), tiny_model)
     fire = expected_fire_step()

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.decoder import RotaryTable, SinkKVCache, rotate, sink_window_mask
-from bitmar_core.model import BitMar
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.decoder import RotaryTable, SinkKVCache, rotate, sink_window_mask
+from bitmar_core.model.bitmar import BitMar
 
 from conftest import tiny_config_dict
 from decoder_reference import reference_attention, reference_decoder

@@ -15,17 +15,17 @@ import torch.nn.functional as F
 from decoder_reference import reference_decoder
 
 from bitmar_core import BitMar, BitMarConfig
-from bitmar_core import evaluate
-from bitmar_core.benchmarks import load_task, score_items
-from bitmar_core.checkpoint import load_checkpoint, save_checkpoint
+from bitmar_core.evaluation import evaluate
+from bitmar_core.evaluation.zero_shot import load_task, score_items
+from bitmar_core.inference.checkpoint import load_checkpoint, save_checkpoint
 from bitmar_core.data.scenes import POSITIONS, generate_scene, parse_caption, render_scene, split_seed
 from bitmar_core.data.streams import recall_answer
-from bitmar_core.evaluate import (MEMORY_CUE, HeldOutScenes, caption_nll, describe_scenes, evaluate_captioning,
+from bitmar_core.evaluation.evaluate import (MEMORY_CUE, HeldOutScenes, caption_nll, describe_scenes, evaluate_captioning,
                                   evaluate_memory, evaluate_stream, linear_probe, main, most_frequent_caption,
                                   recall_facts, target_lines)
-from bitmar_core.generation import DecoderSession
-from bitmar_core.metrics import attribute_prf, corpus_bleu
-from bitmar_core.tokenizer import default_tokenizer
+from bitmar_core.inference.decoding import DecoderSession
+from bitmar_core.evaluation.metrics import attribute_prf, corpus_bleu
+from bitmar_core.inference.tokenizer import default_tokenizer
 
 FEATURE_DIM = 8
 EOS = 50256
@@ -199,7 +199,7 @@ def test_test_scenes_round_through_float16_and_cache(tmp_path):
 
 
 def test_precomputed_features_rows_and_range(tmp_path):
-    from bitmar_core.backbones import PrecomputedFeatures
+    from bitmar_core.inference.backbones import PrecomputedFeatures
 
     feats = np.arange(5 * FEATURE_DIM * 16, dtype=np.float32).reshape(5, FEATURE_DIM, 4, 4)
     np.save(tmp_path / "f.npy", feats)
@@ -605,7 +605,7 @@ def test_cli_end_to_end(tmp_path, capsys, tok):
     assert set(results["memory"]["conditions"]) == {"on", "off"}
     # memory, stream and probes: the task functions on the loaded file and the features, with the
     # starts and sizes the flags asked for
-    from bitmar_core.backbones import PrecomputedFeatures
+    from bitmar_core.inference.backbones import PrecomputedFeatures
 
     held = HeldOutScenes(features=PrecomputedFeatures(tmp_path / "features.npy"))
     with torch.no_grad():

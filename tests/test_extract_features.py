@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bitmar_core.backbones import EfficientNetLite0Backbone
+from bitmar_core.inference.backbones import EfficientNetLite0Backbone
 from bitmar_core.data.datasets import ImageCaptionDataset
 from bitmar_core.data.scenes import Scene, generate_scene, make_scene, render_scene, split_seed
-from bitmar_core.extract_features import main
+from bitmar_core.data.extract_features import main
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""A fleet on one PostgreSQL + pgvector database: four robots' EpisodicMemory writer processes
+"""A fleet on one PostgreSQL + pgvector database: four robots' EpisodicMemoryService writer processes
 (tests/helpers/fleet_writer.py: the bundled checkpoint, a frame and a caption per episode, as the node
 records them) write at 5 Hz each into one database (a real server, tests/conftest.py: pg_cluster).
 Halfway the server is stopped for 2 s and started again. Every episode written is acknowledged and
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bitmar_core.episodic import EpisodicMemory
-from bitmar_core.store_pg import FLEET
+from bitmar_core.episodes.service import EpisodicMemoryService
+from bitmar_core.episodes.store_pg import FLEET
 from bitmar_ros.node import default_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_four_robots_write_into_one_database(pg_cluster):
     outputs = [p.communicate(timeout=DURATION_S + 240) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    memory = EpisodicMemory.open(default_checkpoint(), "/nonexistent", store_dsn=dsn, robot_id="/fleet/operator")
+    memory = EpisodicMemoryService.open(default_checkpoint(), "/nonexistent", store_dsn=dsn, robot_id="/fleet/operator")
     try:
         store = memory.store
         for robot, (out, _) in zip(ROBOTS, outputs):
@@ -69,7 +69,7 @@ def test_four_robots_write_into_one_database(pg_cluster):
         own = memory.query("cube on the table", k=50)
         assert own.hits == [] and own.total == 0                                     # the operator recorded none
         assert store.robots() == ROBOTS
-        per_robot_state = [EpisodicMemory.open_store(memory.runtime, "/x", store_dsn=dsn, robot_id=r) for r in ROBOTS]
+        per_robot_state = [EpisodicMemoryService.open_store(memory.runtime, "/x", store_dsn=dsn, robot_id=r) for r in ROBOTS]
         for s in per_robot_state:
             assert s.memory_state() is not None and s.integrity_check() == []
             s.close()

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.fusion import CrossModalFusion
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.fusion import CrossModalFusion
 
 from conftest import tiny_config_dict
 

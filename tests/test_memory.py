@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.memory import EpisodicMemory, delta_penalty, forget, read, read_each, recall_step, update_usage
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.memory import EpisodicMemory, delta_penalty, forget, read, read_each, recall_step, update_usage
 
 from conftest import tiny_config_dict
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.memory import EpisodicMemory
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.memory import EpisodicMemory
 
 from conftest import tiny_config_dict
 

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from bitmar_browser.app import _read_bounded, _TooLarge, create_app, format_ns, parse_time
 from bitmar_browser.cli import ServerThread, default_checkpoint
 from bitmar_browser.memory_view import MAX_PAGE_SIZE, MAX_UPLOAD_BYTES, MemoryView, ViewError, effective_slots
-from bitmar_core.episodic import EpisodicMemory
+from bitmar_core.episodes.service import EpisodicMemoryService
 from bitmar_ros.demo import browser_command
 
 T0 = 1_764_950_400_000_000_000  # 2025-12-05 16:00:00 UTC
@@ -54,7 +54,7 @@ def frame(rgb, seed: int) -> np.ndarray:
     return img
 
 
-def fill(memory: EpisodicMemory) -> dict[str, int]:
+def fill(memory: EpisodicMemoryService) -> dict[str, int]:
     ids = {}
     for i, (caption, seconds, source, rgb) in enumerate(EPISODES):
         ids[caption] = memory.record(caption, T0 + seconds * 10**9, rgb=frame(rgb, i), source=source)
@@ -67,7 +67,7 @@ class Site:
     def __init__(self, root: Path, allow_clear: bool = False) -> None:
         self.checkpoint = write_tiny_checkpoint(root / "tiny.safetensors")
         self.store_dir = root / "store"
-        self.writer = EpisodicMemory.open(self.checkpoint, self.store_dir)
+        self.writer = EpisodicMemoryService.open(self.checkpoint, self.store_dir)
         self.ids = fill(self.writer)
         self.view = MemoryView.open(self.checkpoint, self.store_dir, allow_clear=allow_clear)
         self.server = ServerThread(create_app(self.view)).start()
@@ -102,7 +102,7 @@ def site(tmp_path_factory):
     s.close()
 
 
-def by_time(writer: EpisodicMemory) -> list:
+def by_time(writer: EpisodicMemoryService) -> list:
     """Every stored episode, newest first (stamp, then id): the timeline's order, worked out here."""
     return sorted(writer.store.all_episodes(), key=lambda e: (e.stamp_ns, e.id), reverse=True)
 
@@ -322,7 +322,7 @@ def test_clear_needs_the_flag_the_token_and_a_confirmation(tmp_path):
         s = site.json("/api/stats")[1]
         assert (s["episodes"], s["memory_writes"]) == (0, None)
         assert site.json("/api/episodes")[1]["episodes"] == []
-        reopened = EpisodicMemory.open(site.checkpoint, site.store_dir)
+        reopened = EpisodicMemoryService.open(site.checkpoint, site.store_dir)
         try:
             assert reopened.count() == 0 and reopened.runtime.memory_writes == 0
         finally:
@@ -348,7 +348,7 @@ def test_default_checkpoint_is_the_bundled_one():
 @pytest.mark.slow
 def test_command_line(tmp_path):
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
-    writer = EpisodicMemory.open(checkpoint, tmp_path / "store")
+    writer = EpisodicMemoryService.open(checkpoint, tmp_path / "store")
     writer.record("a red circle", T0, rgb=frame((200, 0, 0), 0))
     proc = ChildProcess([sys.executable, str(REPO / "bin" / "bitmar_memory_browser"), "--store", str(tmp_path / "store"),
                          "--checkpoint", str(checkpoint), "--port", "0"])

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from bitmar_core.pose import Pose
-from bitmar_core.store import EpisodeStore, NewEpisode, make_thumbnail
+from bitmar_core.episodes.pose import Pose
+from bitmar_core.episodes.store import EpisodeStore, NewEpisode, make_thumbnail
 from bitmar_ros import memory_export as X
 
 DIM, IDENTITY = 16, "bitmar-test/v1 C=16"

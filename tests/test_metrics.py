@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from bitmar_core.metrics import (FactCounts, attribute_prf, bleu_tokenize, closest_ref_length, corpus_bleu,
+from bitmar_core.evaluation.metrics import (FactCounts, attribute_prf, bleu_tokenize, closest_ref_length, corpus_bleu,
                                  sentence_bleu)
 
 

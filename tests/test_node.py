@@ -81,7 +81,7 @@ def test_query_returns_the_episode_of_the_matching_frame_and_caption(world):
 
 
 def test_descriptions_stream_token_by_token(world):
-    from bitmar_core.tokenizer import default_tokenizer
+    from bitmar_core.inference.tokenizer import default_tokenizer
 
     h = world["h"]
     client = _param_client(h)

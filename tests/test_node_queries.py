@@ -5,16 +5,14 @@ And answers are generated off the executor thread: camera frames and captions ar
 an answer is being generated (a node in this process, its answer held until they are)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 
 import ros_helpers  # noqa: F401  (ROS environment first)
-from node_harness import Harness, NodeProcess, write_tiny_checkpoint
-from ros_helpers import REPO, child_env, wait_for
+from node_harness import Harness, NodeProcess, replay_bag, write_tiny_checkpoint
+from ros_helpers import wait_for
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
@@ -89,11 +87,7 @@ def test_replayed_bag_is_found_by_three_words_of_each_caption(tmp_path):
     node = NodeProcess(ckpt, tmp_path / "store", "describe_rate_hz:=0.0")
     try:
         h.wait_connected(node)
-        replay = subprocess.run(
-            [sys.executable, str(REPO / "bin" / "bitmar_bag_replay"), str(bag), "--rate", "2",
-             "--remap", "/camera/image_raw:=/image", "/captions:=/text", "--wait-for-subscribers"],
-            env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=300)
-        assert replay.returncode == 0, replay.stdout + replay.stderr
+        replay_bag(bag)
         h.wait(lambda: len(h.episodes) >= len(CAPTIONS), 120, "one episode per caption in the bag")
         assert [e.caption for e in h.episodes] == [c for c, _ in CAPTIONS]
         ids = {e.caption: e.id for e in h.episodes}

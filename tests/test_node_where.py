@@ -15,7 +15,7 @@ import time
 import pytest
 
 import ros_helpers  # noqa: F401  (ROS environment first)
-from node_harness import Harness, NodeProcess, frame_message, scene_frame, write_tiny_checkpoint
+from node_harness import Harness, NodeProcess, frame_message, replay_bag, scene_frame, write_tiny_checkpoint
 from ros_helpers import REPO, child_env
 
 from geometry_msgs.msg import Point
@@ -58,11 +58,7 @@ def test_replayed_bag_with_odometry_gives_posed_episodes_and_where_queries(tmp_p
                        "pose_topic_type:=odometry", "diagnostics_rate_hz:=5.0")
     try:
         h.wait_connected(node)
-        replay = subprocess.run(
-            [sys.executable, str(REPO / "bin" / "bitmar_bag_replay"), str(bag), "--rate", "2",
-             "--remap", "/camera/image_raw:=/image", "/captions:=/text", "--wait-for-subscribers"],
-            env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=300)
-        assert replay.returncode == 0, replay.stdout + replay.stderr
+        replay_bag(bag)
         h.wait(lambda: len(h.episodes) >= len(captions), 120, "one episode per caption in the bag")
         assert [e.caption for e in h.episodes] == captions
         for e in h.episodes:
@@ -72,7 +68,7 @@ def test_replayed_bag_with_odometry_gives_posed_episodes_and_where_queries(tmp_p
             x, y, yaw = expected_pose(stamp, odom)
             p = e.pose.pose
             assert (p.position.x, p.position.y, p.position.z) == pytest.approx((x, y, 0.0), abs=1e-9)
-            # 1e-6 rad: between close quaternions slerp is a normalised lerp (bitmar_core.pose.slerp)
+            # 1e-6 rad: between close quaternions slerp is a normalised lerp (bitmar_core.episodes.pose.slerp)
             assert math.remainder(yaw_of(p.orientation) - yaw, 2 * math.pi) == pytest.approx(0.0, abs=1e-6)
 
         # Where: near the second episode's place, within 0.15 m (the robot moves 0.4 m/s; scenes 0.5 s apart

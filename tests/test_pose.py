@@ -1,10 +1,10 @@
-"""Pose ring and interpolation (bitmar_core/pose.py) against poses worked out by hand."""
+"""Pose ring and interpolation (bitmar_core/episodes/pose.py) against poses worked out by hand."""
 import math
 
 import numpy as np
 import pytest
 
-from bitmar_core.pose import Pose, PoseError, PoseRing, PoseRingConfig, interpolate, slerp
+from bitmar_core.episodes.pose import Pose, PoseError, PoseRing, PoseRingConfig, interpolate, slerp
 
 S = 10**9
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitmar_core.quant import (BitLinear, PackedBitLinear, absmax_int8, absmean_ternary, pack_model,
+from bitmar_core.model.quant import (BitLinear, PackedBitLinear, absmax_int8, absmean_ternary, pack_model,
                                pack_ternary, unpack_ternary, zero_weight_fraction)
 
 W = torch.tensor([[0.5, -1.0], [0.1, 2.0]])  # mean|W| = 0.9; W/0.9 = [.556, -1.11, .111, 2.22]

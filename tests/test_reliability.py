@@ -45,8 +45,8 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from bitmar_core.episodic import CAPTION_SYNONYM_GROUPS
-from bitmar_core.store import DB_FILENAME, EpisodeStore
+from bitmar_core.episodes.service import CAPTION_SYNONYM_GROUPS
+from bitmar_core.episodes.store import DB_FILENAME, EpisodeStore
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import (ENCODINGS, MAX_SIDE, ImageConversionError, compressed_to_rgb8,
                                          image_to_rgb8)

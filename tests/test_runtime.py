@@ -13,8 +13,8 @@ from node_harness import write_tiny_checkpoint
 from test_evaluate import EOS, FEATURE_DIM, fake_encode, read_cond, tiny_gpt2_model
 
 from bitmar_core.data.scenes import make_scene, split_seed
-from bitmar_core.generation import DecoderSession
-from bitmar_core.runtime import BitMarRuntime, RuntimeError_
+from bitmar_core.inference.decoding import DecoderSession
+from bitmar_core.inference.runtime import BitMarRuntime, RuntimeLoadError
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +89,9 @@ def test_memory_state_round_trips_into_a_new_runtime(rt, ckpt):
     other.load_memory_state(state)
     for k, v in other.memory_state().items():
         np.testing.assert_array_equal(v, state[k])
-    with pytest.raises(RuntimeError_, match="shape"):
+    with pytest.raises(RuntimeLoadError, match="shape"):
         other.load_memory_state({**state, "memory": np.zeros((3, 3), np.float32)})
-    with pytest.raises(RuntimeError_, match="missing tensor 'usage'"):
+    with pytest.raises(RuntimeLoadError, match="missing tensor 'usage'"):
         other.load_memory_state({"memory": state["memory"], "n_writes": state["n_writes"]})
     rt.reset_memory()
     assert rt.memory_writes == 0

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bitmar_core.schedule import CosineWarmRestarts
+from bitmar_core.training.schedule import CosineWarmRestarts
 
 
 def sgdr(step: int, base: float, t0: int, t_mult: int, floor: float) -> float:

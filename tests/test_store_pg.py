@@ -10,8 +10,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from bitmar_core.store import StoreMismatchError, StoreNotFoundError
-from bitmar_core.store_pg import FLEET, PgEpisodeStore, StoreUnavailableError, mask_dsn
+from bitmar_core.episodes.store import StoreMismatchError, StoreNotFoundError
+from bitmar_core.episodes.store_pg import FLEET, PgEpisodeStore, StoreUnavailableError, mask_dsn
 
 DIM = 16
 IDENTITY = "bitmar-test/v1 C=16"
@@ -210,7 +210,7 @@ def test_buffer_is_bounded_and_drops_the_oldest(pg_cluster, dsn):
 def test_schema_2_database_gains_pose_columns_on_connect(dsn):
     """A fleet database of schema 2 (before poses): written here, then its pose columns dropped and its
     version set back, as the previous code left it; opening migrates it, old episodes without a pose."""
-    from bitmar_core.pose import Pose
+    from bitmar_core.episodes.pose import Pose
 
     s = PgEpisodeStore.open(dsn, DIM, IDENTITY, "r1")
     old = [s.add_episode(i, f"a red cube {i}", "caption", _emb(i)) for i in range(3)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitmar_core.store import (
+from bitmar_core.episodes.store import (
     DB_FILENAME,
     EpisodeStore,
     StoreInputError,

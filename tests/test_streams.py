@@ -10,7 +10,7 @@ import torch
 from bitmar_core.data.datasets import ImageCaptionDataset
 from bitmar_core.data.scenes import POSITIONS, Scene, SceneObject
 from bitmar_core.data.streams import CUE_COLOURS, CUE_SHAPES, IGNORE, EpisodeBatches, recall_answer
-from bitmar_core.tokenizer import default_tokenizer
+from bitmar_core.inference.tokenizer import default_tokenizer
 
 S, N = 2, 4  # sinks; vision tokens per scene (a 3×3 grid pools to 2×2)
 DESCRIPTORS = [("red", "circle"), ("red", "circle"), ("blue", "square"), ("green", "triangle"),

@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.text_encoder import TextEncoder
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.text_encoder import TextEncoder
 
 
 def _reference_block(block, x, key_mask, n_heads):

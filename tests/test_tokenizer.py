@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.model import BitMar
-from bitmar_core.tokenizer import VocabTokenizer, build_vocabulary, default_tokenizer, tokenizer_for
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.bitmar import BitMar
+from bitmar_core.inference.tokenizer import VocabTokenizer, build_vocabulary, default_tokenizer, tokenizer_for
 
 from conftest import tiny_config_dict
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from bitmar_core.checkpoint import load_checkpoint
+from bitmar_core.inference.checkpoint import load_checkpoint
 from bitmar_core.data.scenes import generate_scene, split_seed
-from bitmar_core.tokenizer import GPT2Tokenizer, tokenizer_for
-from bitmar_core.train import build_optimizer, flatten_state, load_recipe, main, scene_cache, unflatten_state
+from bitmar_core.inference.tokenizer import GPT2Tokenizer, tokenizer_for
+from bitmar_core.training.train import build_optimizer, flatten_state, load_recipe, main, scene_cache, unflatten_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_a_second_stage_starts_from_the_first_stages_weights(tmp_path, cache_dir
     stage2 = {"memory_read": "cosine", "memory_init": "zero", "memory_write_usage": 50.0}
     cfg = write_recipe(tmp_path / "b.yaml", cache_dir, model=stage2,
                        train={"steps": 1, "init_from": str(source), "lr": 1e-12, "warmup_steps": 0})
-    from bitmar_core.train import init_from_checkpoint
+    from bitmar_core.training.train import init_from_checkpoint
     model = init_from_checkpoint(source, {**TINY_MODEL, **stage2})
     before = load_checkpoint(source).state_dict()
     after = model.state_dict()
@@ -230,7 +230,7 @@ def test_torchrun_two_ranks_stay_identical(tmp_path, cache_dir):
     run = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "bitmar_core.train",
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "bitmar_core.training.train",
                            "--config", str(cfg), "--run-dir", str(run)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

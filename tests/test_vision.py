@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.vision import VisionCompressor
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.vision import VisionCompressor
 
 from test_quant import _reference_bitlinear
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from bitmar_core.backbones import PrecomputedFeatures, VisionBackbone
+from ..inference.backbones import PrecomputedFeatures, VisionBackbone
 
 
 
@@ -42,7 +42,7 @@ class ImageCaptionDataset:
 
     Rows with `feature_index` read from `features_path` (default: `features.npy` beside the JSONL).
     Rows with only `image` (relative to the JSONL's folder) are encoded on access by `backbone`;
-    that is slow, so precompute with `python -m bitmar_core.extract_features` for training.
+    that is slow, so precompute with `python -m bitmar_core.data.extract_features` for training.
     """
 
     def __init__(self, captions_path: str | Path, features_path: str | Path | None = None,
@@ -70,7 +70,7 @@ class ImageCaptionDataset:
             elif "image" in row:
                 if backbone is None:
                     raise ValueError(f"{where}: has an 'image' but no 'feature_index'; pass a backbone "
-                                     "or precompute features with bitmar_core.extract_features")
+                                     "or precompute features with bitmar_core.data.extract_features")
             else:
                 raise ValueError(f"{where}: expected 'feature_index' or 'image'")
 

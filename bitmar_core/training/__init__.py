@@ -1,2 +1,3 @@
-"""How BitMar is trained: the recipe, the data a run reads, its resumable state, torchrun, figures.
-The loop and the command line are `bitmar_core.train` (`bitmar-train`)."""
+"""How BitMar is trained: the loop and its command line (`train`, `bitmar-train`), the recipe, the
+data a run reads, its resumable state, the adaptive controller, the learning-rate schedule,
+torchrun and figures."""

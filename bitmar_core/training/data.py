@@ -8,10 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ..config import BitMarConfig
 from ..data.datasets import ImageCaptionDataset, TextCorpus
 from ..data.streams import EpisodeBatches, load_scenes, vocabulary_texts
-from ..tokenizer import build_vocabulary
+from ..inference.tokenizer import build_vocabulary
+from ..model.config import BitMarConfig
 from .distributed import Dist
 from .recipe import DataConfig, TrainConfig
 
@@ -21,7 +21,7 @@ log = logging.getLogger("bitmar.train")
 def scene_cache(cache_dir: str | Path, n: int, split: str = "train", start: int = 0, image_size: int = 224,
                 backbone: str = "efficientnet_lite0") -> Path:
     """Folder of precomputed features for scenes start..start+n−1 of `split`; built (with
-    bitmar_core.extract_features) when missing. Scenes and features are deterministic."""
+    bitmar_core.data.extract_features) when missing. Scenes and features are deterministic."""
     out = Path(cache_dir) / f"scenes_{split}_{start}_{n}_{backbone}_{image_size}px"
     meta_path = out / "meta.json"
     if meta_path.is_file():
@@ -29,8 +29,8 @@ def scene_cache(cache_dir: str | Path, n: int, split: str = "train", start: int 
         if (meta.get("generated_scenes"), meta.get("split"), meta.get("start"), meta.get("backbone")) == \
                 (n, split, start, backbone):
             return out
-    from ..backbones import build_backbone
-    from ..extract_features import extract_generated
+    from ..inference.backbones import build_backbone
+    from ..data.extract_features import extract_generated
 
     log.info("building scene feature cache %s (%d scenes)", out, n)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import BitMar
+from ..model.bitmar import BitMar
 
 
 @torch.no_grad()

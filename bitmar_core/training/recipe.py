@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from ..config import BitMarConfig
-from ..controller import ControllerConfig
+from ..model.config import BitMarConfig
+from .controller import ControllerConfig
 
 SCENE_KEYS = {"n": None, "split": "train", "start": 0, "image_size": 224}
 

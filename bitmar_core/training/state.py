@@ -14,10 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..controller import AdaptiveController
 from ..data.streams import EpisodeBatches
-from ..model import BitMar
+from ..inference.checkpoint import load_checkpoint, save_checkpoint
+from ..model.bitmar import BitMar
+from .controller import AdaptiveController
 from .recipe import TrainConfig
 
 log = logging.getLogger("bitmar.train")

@@ -1,4 +1,4 @@
-"""Fleet-test writer: one robot's EpisodicMemory (bundled checkpoint) recording frame–caption episodes
+"""Fleet-test writer: one robot's EpisodicMemoryService (bundled checkpoint) recording frame–caption episodes
 into a shared PostgreSQL store at a fixed rate, as a node does.
 
 Prints ``ack <id> <n>`` (flushed) for each committed episode (returned at once, or reported by the
@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from bitmar_core.episodic import EpisodicMemory
+from bitmar_core.episodes.service import EpisodicMemoryService
 from bitmar_ros.node import default_checkpoint
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -19,7 +19,7 @@ COLOURS = ("red", "green", "blue", "yellow")
 
 def main() -> None:
     dsn, robot, rate_hz, duration_s = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-    memory = EpisodicMemory.open(default_checkpoint(), "/nonexistent", store_dsn=dsn, robot_id=robot)
+    memory = EpisodicMemoryService.open(default_checkpoint(), "/nonexistent", store_dsn=dsn, robot_id=robot)
     out = threading.Lock()
 
     def ack(episode_id, n) -> None:

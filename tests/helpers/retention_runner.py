@@ -8,8 +8,8 @@ each transaction (so the test can kill it mid-pass on any machine) and ``done`` 
 
 import sys
 
-from bitmar_core import store as store_mod
-from bitmar_core.store import EpisodeStore, RetentionPolicy
+from bitmar_core.episodes import store as store_mod
+from bitmar_core.episodes.store import EpisodeStore, RetentionPolicy
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from bitmar_core.store import EpisodeStore
+from bitmar_core.episodes.store import EpisodeStore
 
 K = 32  # memory slots
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .pose import Pose
 from .store import (
     _F32_LE, _SOURCE_RE, _STATE_DTYPES, MAX_CAPTION_BYTES, MAX_EMBEDDING_DIM, MAX_IDENTITY_BYTES, MAX_SOURCE_CHARS,
     MAX_STAMP_NS, MAX_THUMBNAIL_BYTES, SCHEMA_VERSION, _POSE_SELECT, Episode, Hit, RetentionPolicy, RetentionReport,
@@ -42,7 +43,6 @@ from .store import (
     StoreInputError, StoreMismatchError, StoreNotFoundError, StoreVersionError, StoreWriteError, _check_embedding_array,
     _check_k, _check_stamp, _check_synonyms, _check_text, _check_thumbnail, _check_window, _encode_state, _is_int,
     _normalise, _pose_from_columns, _pose_row, _query_words, _state_row_problem, fuse_rankings, fusion_depth)
-from .pose import Pose
 
 FLEET = "*"                      # robot_scope: every robot's episodes
 MAX_ROBOT_ID_CHARS = 256

@@ -148,6 +148,17 @@ class BitMar(nn.Module):
         idx = torch.arange(N, device=V.device)
         return self.prefix_norm(V.float()) + self.prefix_row(idx // side) + self.prefix_col(idx % side)
 
+    def scene_prefix(self, V: torch.Tensor) -> torch.Tensor | None:
+        """The prefix a scene's decoder segment starts with: `vision_prefix(V)`, or None for a
+        config without one (`vision_prefix: false`, the paper's form)."""
+        return self.vision_prefix(V) if self.config.vision_prefix else None
+
+    def scene_segment(self, V: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """How a scene (B=1) enters a description: its conditioning [q ; read(M, q)] with
+        q = fuse(no text, V), and its prefix. Evaluation describes and scores scenes through this;
+        the runtime does the same with its stateful memory (whose reads count as use)."""
+        return self.recall_condition(self.fuse(None, None, V), M), self.scene_prefix(V)
+
     def decode(self, ids: torch.Tensor, cond: torch.Tensor | None = None,
                caches: list[SinkKVCache] | None = None, start: int = 0,
                prefix: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.model import BitMar
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.model.bitmar import BitMar
 
 from conftest import (IGNORE, TINY_ANSWERS, TINY_CAPTIONS, TINY_EOS, TINY_N, TINY_RECALL_ORDER, TINY_S,
                       TINY_STREAM_OFFSET, TINY_STREAMS, TINY_TEXTS, tiny_config_dict)

@@ -7,7 +7,7 @@ code moves the next logits by far more than rounding; ternary heads also have ex
 at the top. A path that merely rounds differently (even one that computes the ternary layers
 exactly) left the reference's greedy stream after 0–215 tokens in our trials. So:
 
-* the C++ step (csrc/bitmar_fast.cpp, built by `python -m bitmar_core.fast --build`) makes the
+* the C++ step (csrc/bitmar_fast.cpp, built by `python -m bitmar_core.inference.fast_decoder --build`) makes the
   reference's own ATen calls — or the BLAS calls beneath them, where checked bit-identical — for
   every order-sensitive op, and replaces the Python around them;
 * the 128 → vocabulary head stays packed, 2 bits/weight (4 bytes/weight unpacked),
@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .quant import EPS, BitLinear, PackedBitLinear, absmax_int8, unpack_ternary
-from .decoder import rotate
-from .text_encoder import attention
+from ..model.decoder import rotate
+from ..model.layers import attention
+from ..model.quant import EPS, BitLinear, PackedBitLinear, absmax_int8, unpack_ternary
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "bitmar_fast.cpp"
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "bitmar_fast.cpp"
 # No -march: the head kernels pick AVX-512 VNNI / AVX2 / scalar at run time. No FP contraction: an
 # a*b+c fused into one rounding would break bit-identity with the reference's separate ops.
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
@@ -128,7 +128,7 @@ def load_extension() -> types.ModuleType | None:
         _EXT, _EXT_REASON = mod, f"loaded {path}"
         return _EXT
     _EXT_REASON = (f"not built for this source and torch {torch.__version__} in {out}; "
-                   f"run scripts/setup.sh or `python -m bitmar_core.fast --build`")
+                   f"run scripts/setup.sh or `python -m bitmar_core.inference.fast_decoder --build`")
     return None
 
 
@@ -383,7 +383,7 @@ class FastDecoder:
 
 # ------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bitmar_core.fast", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bitmar_core.inference.fast_decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--build", action="store_true", help="compile the C++ extension for this environment")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .benchmarks import TASK_FILES, evaluate_benchmarks
-from .data.streams import recall_answer
-from .data.scenes import (Scene, attribute_facts, caption_scene, generate_scene, parse_caption, render_scene,
+from ..data.scenes import (Scene, attribute_facts, caption_scene, generate_scene, parse_caption, render_scene,
                           split_seed, true_facts)
-from .generation import DecoderSession
+from ..data.streams import recall_answer
+from ..inference.decoding import DecoderSession
 from .metrics import FactCounts, attribute_prf, corpus_bleu, sentence_bleu
+from .zero_shot import TASK_FILES, evaluate_benchmarks
 
 TASKS = ("captioning", "memory", "stream", "probes", "benchmarks")
 DEFAULT_TASKS = ("captioning", "memory", "stream", "probes")
@@ -133,7 +133,7 @@ def describe_scenes(model, V: torch.Tensor, continuing: bool, max_new_tokens: in
     [eos] enter a decoder stream conditioned on [q ; read(M, q)], q = fuse(no text, V), M the
     fresh memory M0 by default; greedy, through the FastDecoder. continuing: one session for every
     scene in turn (the node's default); else a fresh stream per scene. → (texts, final position)."""
-    from .fast import FastDecoder
+    from ..inference.fast_decoder import FastDecoder
 
     fast = FastDecoder(model)
     session = DecoderSession(fast)
@@ -143,8 +143,7 @@ def describe_scenes(model, V: torch.Tensor, continuing: bool, max_new_tokens: in
         if not continuing:
             session.reset()
         v = V[b:b + 1]
-        cond = model.recall_condition(model.fuse(None, None, v), M)
-        prefix = model.vision_prefix(v) if model.config.vision_prefix else None
+        cond, prefix = model.scene_segment(v, M)
         ids = session.generate([model.config.eos_id], cond, max_new_tokens, prefix=prefix)
         texts.append(session.tokenizer.decode(ids))
     return texts, session.position
@@ -161,8 +160,7 @@ def caption_nll(model, tokenizer, captions: Sequence[str], V: torch.Tensor) -> l
     for b, caption in enumerate(captions):
         v = V[b:b + 1]
         session = DecoderSession(model, tokenizer)
-        cond = model.recall_condition(model.fuse(None, None, v), M0)
-        prefix = model.vision_prefix(v) if model.config.vision_prefix else None
+        cond, prefix = model.scene_segment(v, M0)
         logp = session.score([eos] + tokenizer.encode(caption) + [eos], cond, prefix)
         out.append(float(-logp.mean()))
     return out
@@ -244,7 +242,7 @@ def evaluate_memory(model, tokenizer, test: HeldOutScenes, trials: int = 8, epis
     [q ; read(M, q)] in a fresh decoder stream — the episode is never in the decoder's stream, so
     only memory can supply its size and position. on: the written memory; off: the fresh M0.
     Scored by attribute F1 against the object's facts, and position / size accuracy."""
-    from .fast import FastDecoder
+    from ..inference.fast_decoder import FastDecoder
 
     fast = FastDecoder(model)
     pool, k = [], start
@@ -315,9 +313,9 @@ def evaluate_stream(model, tokenizer, test: HeldOutScenes, tokens: int = 20_000,
             V = scene_codes(model, test, list(range(i, i + batch_size)), batch_size)
             for b in range(V.shape[0]):
                 v = V[b:b + 1]
-                cond = model.recall_condition(model.fuse(None, None, v), model.memory.M0.detach().float())
+                cond, prefix = model.scene_segment(v, model.memory.M0.detach().float())
                 ids = [c.eos_id] + tokenizer.encode(test.scene(i + b).caption) + [c.eos_id]
-                logps += session.score(ids, cond, model.vision_prefix(v) if c.vision_prefix else None).tolist()
+                logps += session.score(ids, cond, prefix).tolist()
             i += batch_size
         lp = np.asarray(logps[:tokens])
         ppl_first = float(np.exp(-lp[:first].mean()))
@@ -360,7 +358,7 @@ def evaluate_probes(model, test: HeldOutScenes, n: int = 1000, start: int = PROB
     (what the decoder's prefix reads), (c) q = fuse(no text, V) (the pooled 128-D vector that alone
     conditioned the paper's decoder), (d) the decoder's final state at the eos that starts a
     description (what the first word is predicted from). 80% of the scenes train the probe, 20% test it."""
-    from .data.scenes import COLOURS, SHAPES
+    from ..data.scenes import COLOURS, SHAPES
 
     idx, k = [], start
     while len(idx) < n:
@@ -660,14 +658,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def build_test_scenes(args, config) -> HeldOutScenes:
     if args.features is not None:
-        from .backbones import PrecomputedFeatures
+        from ..inference.backbones import PrecomputedFeatures
 
         return HeldOutScenes(features=PrecomputedFeatures(args.features), features_start=args.features_start)
     name = args.backbone or config.backbone
     if name == "precomputed":
         raise SystemExit("bitmar-eval: the checkpoint was trained on precomputed features of an unnamed backbone; "
                          "pass --features (test-split features) or --backbone")
-    from .backbones import build_backbone
+    from ..inference.backbones import build_backbone
 
     kwargs = {"weights_dir": args.weights_dir} if name.startswith("dinov2") else {}
     backbone = build_backbone(name, **kwargs)
@@ -684,9 +682,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .quant import zero_weight_fraction
-    from .tokenizer import tokenizer_for
+    from ..inference.checkpoint import CheckpointError, load_checkpoint
+    from ..model.quant import zero_weight_fraction
+    from ..inference.tokenizer import tokenizer_for
 
     try:
         model = load_checkpoint(args.checkpoint)

@@ -10,7 +10,7 @@ Layout of ``<directory>/episodes.sqlite3`` (schema version 3):
   identity string of the writer; opening with another one is refused).
 - ``episodes(id, stamp_ns, caption, source, embedding, thumbnail, pose_frame, px, py, pz, qx, qy, qz, qw)``:
   ``pose_frame`` NULL when the episode has no pose (version-2 stores migrate to that), else the
-  frame of the pose (``bitmar_core.pose.Pose``) where the camera was. ``embedding`` is ``dim``
+  frame of the pose (``bitmar_core.episodes.pose.Pose``) where the camera was. ``embedding`` is ``dim``
   little-endian float32, ``thumbnail`` JPEG bytes (or empty). Ids come from AUTOINCREMENT, so they
   grow monotonically and are never reused, not even after ``clear()``. Generated descriptions are
   episodes too (``source='description'``), so they are searched like captions.
@@ -293,7 +293,7 @@ class Hit:
 
 
 class EpisodeStoreAPI(Protocol):
-    """What ``EpisodicMemory``, the node and the browser use of a store: ``EpisodeStore`` (SQLite, one
+    """What ``EpisodicMemoryService``, the node and the browser use of a store: ``EpisodeStore`` (SQLite, one
     robot) and ``store_pg.PgEpisodeStore`` (PostgreSQL + pgvector, a fleet) both provide it.
     ``robot_scope``: None or '' this robot, '*' the fleet, else one robot's name."""
 
@@ -1372,7 +1372,7 @@ def _pose_row(pose) -> tuple:
     if pose is None:
         return (None,) * 8
     if not isinstance(pose, Pose):
-        raise StoreInputError(f"pose: expected a bitmar_core.pose.Pose or None, got {type(pose).__name__}")
+        raise StoreInputError(f"pose: expected a bitmar_core.episodes.pose.Pose or None, got {type(pose).__name__}")
     return (pose.frame_id, *pose.position, *pose.orientation)
 
 

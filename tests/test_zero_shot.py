@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from bitmar_core import BitMar, BitMarConfig
-from bitmar_core.benchmarks import (TASK_FILES, FormatError, MCItem, argmax_first, continuation_logprobs,
+from bitmar_core.evaluation.zero_shot import (TASK_FILES, FormatError, MCItem, argmax_first, continuation_logprobs,
                                     evaluate_benchmarks, load_task, parse_boolq, parse_winogrande, score_items,
                                     text_only_condition)
-from bitmar_core.tokenizer import default_tokenizer
+from bitmar_core.inference.tokenizer import default_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 

@@ -1,52 +1,17 @@
 """Text encoder (paper §3.1): 4 bidirectional pre-LN layers, d=128, 4 heads, ≤256 tokens, BitLinear.
 
-Also the small blocks the decoder and fusion reuse (`attention`, `MLP`). The token embedding is
-owned by `BitMar` and shared with the decoder, so the encoder takes embeddings, not ids.
+The token embedding is owned by `BitMar` and shared with the decoder, so the encoder takes
+embeddings, not ids; its blocks are built from `layers`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import BitMarConfig
+from .layers import MLP, attention, merge_heads, split_heads
 from .quant import BitLinear
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """Scaled dot-product attention with an FP32 softmax. q (B,H,Tq,hd), k/v (B,H,Tk,hd);
-    allowed broadcasts to (B,H,Tq,Tk), True = may attend. A row with nothing allowed gets a
-    uniform average instead of NaN (finite fill), which only happens for all-padding rows."""
-    with torch.autocast(q.device.type, enabled=False):  # scores and softmax stay FP32 under AMP
-        att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-        if allowed is not None:
-            att = att.masked_fill(~allowed, torch.finfo(att.dtype).min)
-        return att.softmax(dim=-1) @ v.float()
-
-
-def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    B, T, D = x.shape
-    return x.view(B, T, n_heads, D // n_heads).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    B, H, T, hd = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * hd)
-
-
-class MLP(nn.Module):
-    def __init__(self, config: BitMarConfig):
-        super().__init__()
-        d = config.d_model
-        self.fc = BitLinear(d, config.mlp_ratio * d)
-        self.proj = BitLinear(config.mlp_ratio * d, d)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
 class SelfAttention(nn.Module):

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .decoder import SinkKVCache
+from ..model.decoder import SinkKVCache
 from .tokenizer import tokenizer_for
 
 
@@ -128,10 +128,3 @@ class DecoderSession:
         logp = logits[0, -(len(ids) - 1):].float().log_softmax(dim=-1)
         return logp.gather(1, torch.tensor(ids[1:], device=logp.device).unsqueeze(1)).squeeze(1)
 
-
-def generate(model, prompt_ids: Sequence[int], cond: torch.Tensor | None = None, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-             prefix: torch.Tensor | None = None, eos_id: int | None = None) -> list[int]:
-    """One segment in a fresh stream: the generated ids (eos excluded)."""
-    return DecoderSession(model).generate(prompt_ids, cond, max_new_tokens, temperature, top_k, generator, prefix,
-                                          eos_id)

@@ -5,12 +5,12 @@ tie rule checked against formulas here."""
 import pytest
 import torch
 
-import bitmar_core.fast as fast
-from bitmar_core.config import BitMarConfig
-from bitmar_core.fast import FastDecoder, pack_head
-from bitmar_core.generation import DecoderSession
-from bitmar_core.model import BitMar
-from bitmar_core.quant import absmax_int8, pack_model, pack_ternary
+import bitmar_core.inference.fast_decoder as fast
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.inference.fast_decoder import FastDecoder, pack_head
+from bitmar_core.inference.decoding import DecoderSession
+from bitmar_core.model.bitmar import BitMar
+from bitmar_core.model.quant import absmax_int8, pack_model, pack_ternary
 
 NO_EOS = -1
 EXT = fast.load_extension()

@@ -2,8 +2,8 @@
 precomputed DINOv2 features). Writes `features.npy` (N, D, h, w) float16 + `captions.jsonl`
 (+ `scenes.jsonl` for generated scenes) in the format `ImageCaptionDataset` reads.
 
-    python -m bitmar_core.extract_features --images DIR --captions captions.jsonl --out OUT
-    python -m bitmar_core.extract_features --generate-scenes 10000 --split train --seed 0 --out OUT
+    python -m bitmar_core.data.extract_features --images DIR --captions captions.jsonl --out OUT
+    python -m bitmar_core.data.extract_features --generate-scenes 10000 --split train --seed 0 --out OUT
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bitmar_core.backbones import VisionBackbone, build_backbone
-from bitmar_core.data.datasets import load_rgb, read_jsonl
-from bitmar_core.data.scenes import generate_split
+from ..inference.backbones import VisionBackbone, build_backbone
+from .datasets import load_rgb, read_jsonl
+from .scenes import generate_split
 
 
 def write_features(images: Iterable[np.ndarray], n: int, backbone: VisionBackbone, out_path: Path,
@@ -99,7 +99,7 @@ def extract_folder(out_dir: Path, images_dir: Path, captions_path: Path, backbon
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bitmar_core.extract_features", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bitmar_core.data.extract_features", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="folder of images named by --captions")

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BitMarConfig
+from .layers import attention, merge_heads, split_heads
 from .quant import BitLinear
-from .text_encoder import attention, merge_heads, split_heads
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -28,8 +28,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BitMarConfig
+from .layers import MLP, attention, merge_heads, split_heads
 from .quant import BitLinear
-from .text_encoder import MLP, attention, merge_heads, split_heads
 
 
 def sink_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:

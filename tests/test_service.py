@@ -1,4 +1,4 @@
-"""EpisodicMemory without ROS: record (memory write + store commit, rolled back together), hybrid
+"""EpisodicMemoryService without ROS: record (memory write + store commit, rolled back together), hybrid
 query, answer naming its episodes, save / clear / restore, and the caption synonyms."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bitmar_core.data.scenes import SHAPE_SYNONYMS, SIZE_WORDS, parse_caption
-from bitmar_core.episodic import CAPTION_SYNONYM_GROUPS, EpisodicError, EpisodicMemory
-from bitmar_core.store import EpisodeStore, StoreWriteError
+from bitmar_core.episodes.service import CAPTION_SYNONYM_GROUPS, EpisodicError, EpisodicMemoryService
+from bitmar_core.episodes.store import EpisodeStore, StoreWriteError
 
 CAPTIONS = ["a ginger tabby cat asleep on a sofa", "two red circles near the top",
             "a cup of coffee on the kitchen table", "a red stop sign at the corner",
@@ -20,9 +20,9 @@ CAPTIONS = ["a ginger tabby cat asleep on a sofa", "two red circles near the top
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A small random BitMar with EfficientNet-Lite0's feature width: behaviour, not skill."""
-    from bitmar_core.checkpoint import save_checkpoint
-    from bitmar_core.config import BitMarConfig
-    from bitmar_core.model import BitMar
+    from bitmar_core.inference.checkpoint import save_checkpoint
+    from bitmar_core.model.config import BitMarConfig
+    from bitmar_core.model.bitmar import BitMar
 
     torch.manual_seed(0)
     cfg = BitMarConfig(d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, max_text_len=64,
@@ -35,7 +35,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture
 def memory(ckpt, tmp_path):
-    m = EpisodicMemory.open(ckpt, tmp_path / "store")
+    m = EpisodicMemoryService.open(ckpt, tmp_path / "store")
     yield m
     m.close(save=False)
 
@@ -158,19 +158,19 @@ def test_answer_is_the_models_and_names_the_queried_episodes(memory, monkeypatch
 
 
 def test_save_close_and_restore_at_start(ckpt, tmp_path):
-    m = EpisodicMemory.open(ckpt, tmp_path / "s")
+    m = EpisodicMemoryService.open(ckpt, tmp_path / "s")
     _fill(m, 3)
     m.query("cat", k=1)  # reads touch the usage statistics
     state = m.runtime.memory_state()
     assert m.save() == 3
     m.close()
-    again = EpisodicMemory.open(ckpt, tmp_path / "s", create=False)
+    again = EpisodicMemoryService.open(ckpt, tmp_path / "s", create=False)
     assert again.runtime.memory_writes == 3 and again.count() == 3
     _same_state(again.runtime.memory_state(), state)
     again.clear()
     assert again.count() == 0 and again.runtime.memory_writes == 0
     again.close()
-    fresh = EpisodicMemory.open(ckpt, tmp_path / "s")
+    fresh = EpisodicMemoryService.open(ckpt, tmp_path / "s")
     assert fresh.count() == 0 and fresh.runtime.memory_writes == 0
     fresh.close()
 
@@ -194,7 +194,7 @@ def test_failed_clear_keeps_memory_and_episodes(memory, monkeypatch):
     (lambda s: {**s, next(iter(s)): np.zeros((3, 3), np.float32)}, "does not fit"),
 ])
 def test_restore_refuses_a_bad_state_and_changes_nothing(ckpt, tmp_path, state, fragment):
-    m = EpisodicMemory.open(ckpt, tmp_path / "s")
+    m = EpisodicMemoryService.open(ckpt, tmp_path / "s")
     _fill(m, 1)
     good = m.runtime.memory_state()
     bad = state(good)
@@ -206,15 +206,15 @@ def test_restore_refuses_a_bad_state_and_changes_nothing(ckpt, tmp_path, state, 
     _same_state(m.runtime.memory_state(), good)
     m.close(save=False)
     with pytest.raises(EpisodicError, match=fragment):
-        EpisodicMemory.open(ckpt, tmp_path / "s")
+        EpisodicMemoryService.open(ckpt, tmp_path / "s")
 
 
 def test_store_of_another_width_is_refused(ckpt, tmp_path):
-    from bitmar_core.runtime import BitMarRuntime
+    from bitmar_core.inference.runtime import BitMarRuntime
     rt = BitMarRuntime.from_checkpoint(ckpt)
     with EpisodeStore.open(tmp_path / "w", 16, "other") as store:
         with pytest.raises(EpisodicError, match="16-D"):
-            EpisodicMemory(rt, store)
+            EpisodicMemoryService(rt, store)
 
 
 def test_queries_run_while_episodes_are_recorded(memory):

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.bitmar import BitMar
 from .backbones import build_backbone
 from .checkpoint import CheckpointError, load_checkpoint
-from .fast import FastDecoder
-from .generation import DecoderSession
-from .model import BitMar
+from .decoding import DecoderSession
+from .fast_decoder import FastDecoder
 from .tokenizer import tokenizer_for
 
 
-class RuntimeError_(Exception):
+class RuntimeLoadError(Exception):
     """A runtime that cannot be built or a state that does not fit the model (named for what)."""
 
 
@@ -59,7 +59,7 @@ class BitMarRuntime:
         self.tokenizer = tokenizer_for(model)
         feat = getattr(backbone, "feature_dim", None)
         if feat is not None and feat != model.config.vision_feature_dim:
-            raise RuntimeError_(f"backbone {backbone_name!r} gives {feat}-D features but the checkpoint's "
+            raise RuntimeLoadError(f"backbone {backbone_name!r} gives {feat}-D features but the checkpoint's "
                                 f"vision path expects {model.config.vision_feature_dim}-D")
         self._lock = threading.RLock()
         self._memory = model.memory.new_state()
@@ -72,12 +72,12 @@ class BitMarRuntime:
         """Load a checkpoint (packed or FP32) and the backbone it was trained with (or ``backbone``)."""
         path = Path(path)
         if not path.is_file():
-            raise RuntimeError_(f"checkpoint file not found: {path}")
+            raise RuntimeLoadError(f"checkpoint file not found: {path}")
         torch.set_num_threads(num_threads)
         try:
             model = load_checkpoint(path)
         except CheckpointError as exc:
-            raise RuntimeError_(str(exc)) from None
+            raise RuntimeLoadError(str(exc)) from None
         name = backbone or model.config.backbone
         kwargs = {"weights_dir": dinov2_weights_dir} if name.startswith("dinov2") else {}
         bb = build_backbone(name, **kwargs)
@@ -141,10 +141,6 @@ class BitMarRuntime:
             total += torch.from_numpy(code.scene)
         return _unit(total)
 
-    @staticmethod
-    def scene_vector(code: FrameCode) -> np.ndarray:
-        return code.scene
-
     # ------------------------------------------------------------------ episodic memory
     def write_memory(self, q: torch.Tensor) -> None:
         with self._lock:
@@ -159,7 +155,7 @@ class BitMarRuntime:
             with self._lock:
                 self._memory.load_state_tensors({k: torch.from_numpy(np.asarray(v).copy()) for k, v in state.items()})
         except (KeyError, ValueError) as exc:
-            raise RuntimeError_(str(exc)) from None
+            raise RuntimeLoadError(str(exc)) from None
 
     def reset_memory(self) -> None:
         with self._lock:
@@ -181,7 +177,7 @@ class BitMarRuntime:
             if not continue_session:
                 self._session.reset()
             cond = self._cond(code.q_scene)
-            prefix = self.model.vision_prefix(code.V) if self.model.config.vision_prefix else None
+            prefix = self.model.scene_prefix(code.V)
             it = self._session.stream([self.model.config.eos_id], cond, max_new_tokens, temperature,
                                       top_k or None, generator=self._generator, prefix=prefix)
         while True:

@@ -1,4 +1,4 @@
-"""EpisodicMemory: a robot's episodic memory without ROS. It owns the model runtime (whose memory M
+"""EpisodicMemoryService: a robot's episodic memory without ROS. It owns the model runtime (whose memory M
 each episode is written into) and the episode store (the episodes and M's state), keeps the two in
 agreement, and answers queries with hybrid retrieval. The node is one user; a script, a notebook
 or a web page reading a robot's memory are others.
@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .runtime import BitMarRuntime, FrameCode, RuntimeError_
+from ..inference.runtime import BitMarRuntime, FrameCode, RuntimeLoadError
 from .pose import Pose
 from .store import (EpisodeStore, EpisodeStoreAPI, Hit, RetentionPolicy, RetentionReport, SpatialFilter, StoreError,
                     make_thumbnail)
@@ -68,7 +68,7 @@ def model_input(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=cv2.INTER_AREA)
 
 
-class EpisodicMemory:
+class EpisodicMemoryService:
     """Record, query, answer, save, clear and restore a robot's episodic memory.
 
     Thread safety: ``record``, ``save``, ``clear`` and ``restore`` take one lock, so that the
@@ -93,9 +93,9 @@ class EpisodicMemory:
     @classmethod
     def open(cls, checkpoint: str | Path, store_dir: str | Path, *, backbone: str | None = None,
              dinov2_weights_dir: str | None = None, num_threads: int = 1, seed: int = 0,
-             create: bool = True, store_dsn: str = "", robot_id: str = "") -> "EpisodicMemory":
+             create: bool = True, store_dsn: str = "", robot_id: str = "") -> "EpisodicMemoryService":
         """Load the model, open (or create) its store, and restore the stored memory state.
-        Raises ``RuntimeError_`` (checkpoint), ``StoreError`` (store) or ``EpisodicError`` (state)."""
+        Raises ``RuntimeLoadError`` (checkpoint), ``StoreError`` (store) or ``EpisodicError`` (state)."""
         runtime = BitMarRuntime.from_checkpoint(checkpoint, backbone=backbone, dinov2_weights_dir=dinov2_weights_dir,
                                                 num_threads=num_threads, seed=seed)
         memory = cls(runtime, cls.open_store(runtime, store_dir, create=create, store_dsn=store_dsn,
@@ -139,7 +139,7 @@ class EpisodicMemory:
                                     "(expected finite numbers)")
             try:
                 self.runtime.load_memory_state(state)
-            except (RuntimeError_, ValueError) as exc:
+            except (RuntimeLoadError, ValueError) as exc:
                 raise EpisodicError(f"memory state in '{self.store.where}' does not fit the model: {exc}") from exc
             return True
 

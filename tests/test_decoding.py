@@ -4,10 +4,10 @@ spliced in, a closing eos not fed, a cut segment's last token fed first in the n
 import pytest
 import torch
 
-from bitmar_core.config import BitMarConfig
-from bitmar_core.generation import DecoderSession, generate, sample_token
-from bitmar_core.model import BitMar
-from bitmar_core.tokenizer import VocabTokenizer, default_tokenizer
+from bitmar_core.model.config import BitMarConfig
+from bitmar_core.inference.decoding import DecoderSession, sample_token
+from bitmar_core.model.bitmar import BitMar
+from bitmar_core.inference.tokenizer import VocabTokenizer, default_tokenizer
 
 from conftest import tiny_config_dict
 from decoder_reference import reference_decoder
@@ -224,12 +224,12 @@ def test_score_equals_log_softmax_of_the_parallel_decode():
         session.score([63], None)
 
 
-def test_module_generate_is_one_segment_of_a_fresh_stream():
+def test_a_fresh_session_generates_one_segment():
     model = _model(eos_id=EOS)
     for seed in range(3):
         cond, prefix = _cond(seed), _prefix(model, seed)
         expect = ReferenceStream(model).segment([EOS], cond, 9, prefix=prefix)[0]
-        assert generate(model, [EOS], cond, 9, prefix=prefix) == expect
+        assert DecoderSession(model).generate([EOS], cond, 9, prefix=prefix) == expect
     with pytest.raises(ValueError, match="prefix or prompt"):
         DecoderSession(model).generate([], None)
     # a segment may be its prefix alone

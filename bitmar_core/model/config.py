@@ -38,7 +38,7 @@ class BitMarConfig:
     tie_embeddings: bool = False
     # The head (and the tied embedding) cover only the GPT-2 tokens of the training corpus, listed
     # in the model's `token_ids` buffer (row i ↔ GPT-2 id token_ids[i]); ids the model reads and
-    # writes are row indices, translated by `bitmar_core.tokenizer.VocabTokenizer`. Training and
+    # writes are row indices, translated by `bitmar_core.inference.tokenizer.VocabTokenizer`. Training and
     # inference then share one softmax (over these rows), and the head shrinks from 50,257 rows to
     # a few hundred: most of a training step and of a decode step was that head.
     vocab_subset: bool = False

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import BitMarConfig
-from .memory import EpisodicMemoryState
-from .model import BitMar
-from .quant import BitLinear, PackedBitLinear, pack_model, pack_ternary
+from ..model.bitmar import BitMar
+from ..model.config import BitMarConfig
+from ..model.memory import EpisodicMemoryState
+from ..model.quant import BitLinear, PackedBitLinear, pack_model, pack_ternary
 
 FORMAT = "bitmar-1"
 

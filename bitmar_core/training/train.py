@@ -1,4 +1,4 @@
-"""Training entry point (`bitmar-train`, `python -m bitmar_core.train`): the paper's objective
+"""Training entry point (`bitmar-train`, `python -m bitmar_core.training.train`): the paper's objective
 L = L_lm + 1.5·L_cm + 0.1·L_mem on scene streams, memory recall and text (bitmar_core/data/streams.py),
 AdamW (8-bit on CUDA when bitsandbytes is there), cosine warm restarts, gradient accumulation, AMP,
 the adaptive controller, exact resume, DDP under torchrun.
@@ -31,20 +31,20 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import load_checkpoint, read_header, save_checkpoint
-from .config import BitMarConfig
+from ..data.streams import IGNORE
+from ..inference.checkpoint import load_checkpoint, read_header, save_checkpoint
+from ..inference.tokenizer import tokenizer_for
+from ..model.bitmar import BitMar
+from ..model.config import BitMarConfig
+from ..model.quant import zero_weight_fraction
 from .controller import AdaptiveController, ControllerConfig
-from .data.streams import IGNORE
-from .model import BitMar
-from .quant import zero_weight_fraction
-from .schedule import CosineWarmRestarts
-from .tokenizer import tokenizer_for
-from .training.data import (episode_batches, image_dataset, scene_cache, scene_ground_truth, text_corpus,
+from .data import (episode_batches, image_dataset, scene_cache, scene_ground_truth, text_corpus,
                             training_vocabulary)
-from .training.distributed import Dist
-from .training.plots import memory_read_weights, plot_losses, plot_memory_activations, plot_zero_fraction
-from .training.recipe import Recipe, load_recipe
-from .training.state import (build_optimizer, flatten_state, load_training_state, rng_state, save_training_state,
+from .distributed import Dist
+from .plots import memory_read_weights, plot_losses, plot_memory_activations, plot_zero_fraction
+from .recipe import Recipe, load_recipe
+from .schedule import CosineWarmRestarts
+from .state import (build_optimizer, flatten_state, load_training_state, rng_state, save_training_state,
                              set_rng_state, unflatten_state)
 
 log = logging.getLogger("bitmar.train")
