@@ -25,7 +25,7 @@ SECTION_TITLE = "10. Retention: bytes per episode and the cost of a byte budget 
 
 def _episodes(n0: int, n: int, posed: bool, thumbs: list[bytes], captions: list[str]):
     from bitmar_core.episodes.pose import Pose
-    from bitmar_core.episodes.store import NewEpisode
+    from bitmar_core.episodes.store_api import NewEpisode
 
     rng = np.random.default_rng(n0)
     emb = rng.standard_normal((n, DIM)).astype(np.float32)
@@ -38,14 +38,15 @@ def _episodes(n0: int, n: int, posed: bool, thumbs: list[bytes], captions: list[
 def _samples(k: int = 32) -> tuple[list[bytes], list[str]]:
     """Thumbnails and captions of k rendered scenes (what the node stores, sizes included)."""
     from bitmar_core.data.scenes import make_scene
-    from bitmar_core.episodes.store import make_thumbnail
+    from bitmar_core.episodes.store_api import make_thumbnail
 
     scenes = [make_scene(7_000 + i, size=224) for i in range(k)]
     return [make_thumbnail(rgb, max_side=96) for rgb, _ in scenes], [s.caption for _, s in scenes]
 
 
 def run(quick: bool = False) -> Table:
-    from bitmar_core.episodes.store import EpisodeStore, RetentionPolicy
+    from bitmar_core.episodes.store import EpisodeStore
+    from bitmar_core.episodes.store_api import RetentionPolicy
 
     n_fill = 5_000 if quick else 20_000
     per_round, rounds = (50, 3) if quick else (200, 5)

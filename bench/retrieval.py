@@ -32,7 +32,7 @@ SECTION_TITLE = "7. Memory retrieval on held-out scenes (bench/retrieval.py)"
 
 # ------------------------------------------------------------------ data
 def _content_words(caption: str) -> list[str]:
-    from bitmar_core.episodes.store import STOPWORDS
+    from bitmar_core.episodes.store_api import STOPWORDS
     return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", caption.lower()) if w not in STOPWORDS))
 
 

@@ -64,7 +64,7 @@ def _pct(xs, p) -> float:
 
 def _bulk_sqlite(store: EpisodeStore, emb, captions, start: int) -> None:
     """Fill past the measured inserts in one transaction (the bench's shortcut, not an API)."""
-    from bitmar_core.episodes.store import _normalise
+    from bitmar_core.episodes.store_api import _normalise
     conn = store._conn
 
     def body():

@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from bitmar_core.episodes.store import MAX_STAMP_NS, Episode, StoreError
+from bitmar_core.episodes.store_api import MAX_STAMP_NS, Episode, StoreError
 
 from .memory_view import (
     MAX_PAGE_SIZE,

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here, not at module level: loading torch and the checkpoint is the command's work.
     from bitmar_core.inference.runtime import RuntimeLoadError
-    from bitmar_core.episodes.store import StoreError
+    from bitmar_core.episodes.store_api import StoreError
 
     from .app import LOOPBACK_HOSTS, create_app
     from .memory_view import MAX_PAGE_SIZE, MemoryView

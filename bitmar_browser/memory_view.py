@@ -15,7 +15,8 @@ import numpy as np
 # The one place the episodic-memory class is named (another name may follow; change it here only).
 from bitmar_core.episodes.service import EpisodicMemoryService
 from bitmar_core.inference.runtime import BitMarRuntime
-from bitmar_core.episodes.store import MAX_STAMP_NS, Episode, EpisodeStore, StoreError
+from bitmar_core.episodes.store import EpisodeStore
+from bitmar_core.episodes.store_api import MAX_STAMP_NS, Episode, StoreError
 
 MAX_PAGE_SIZE = 100          # episodes on one timeline page
 MAX_QUERY_K = 50             # the node's default `max_query_k`

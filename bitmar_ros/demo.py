@@ -7,7 +7,6 @@ episode, then asks the memory-query service a few questions and prints the top e
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import signal
 import subprocess
@@ -19,7 +18,6 @@ from pathlib import Path
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
-from std_msgs.msg import String
 
 from bitmar_browser.cli import DEFAULT_PORT as BROWSER_PORT
 from bitmar_ros.msg import Description, Episode

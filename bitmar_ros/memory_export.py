@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from bitmar_core.episodes.pose import Pose
-from bitmar_core.episodes.store import Episode, EpisodeStore, NewEpisode, StoreError
+from bitmar_core.episodes.store import EpisodeStore
+from bitmar_core.episodes.store_api import Episode, NewEpisode, StoreError
 
 FORMAT = "bitmar_memory_export"
 FORMAT_VERSION = 1

@@ -106,7 +106,8 @@ from geometry_msgs.msg import PoseStamped
 from bitmar_core.episodes.service import EpisodicError, EpisodicMemoryService, model_input
 from bitmar_core.episodes.pose import Pose, PoseError, PoseRing, PoseRingConfig
 from bitmar_core.inference.runtime import BitMarRuntime, RuntimeLoadError
-from bitmar_core.episodes.store import EpisodeStore, EpisodeStoreAPI, RetentionPolicy, SpatialFilter, StoreError
+from bitmar_core.episodes.store import EpisodeStore
+from bitmar_core.episodes.store_api import EpisodeStoreAPI, RetentionPolicy, SpatialFilter, StoreError
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode

@@ -1,5 +1,5 @@
-// One batch-1 decode step of the BitMar sink decoder (bitmar_core/fast.py), built by
-// `python -m bitmar_core.fast --build` (scripts/setup.sh). Bit-identical to the PyTorch reference:
+// One batch-1 decode step of the BitMar sink decoder (bitmar_core/inference/fast_decoder.py), built by
+// `python -m bitmar_core.inference.fast_decoder --build` (scripts/setup.sh). Bit-identical to the PyTorch reference:
 //
 // * Order-sensitive ops (LayerNorm, the small ternary linears, attention matmuls, softmax, GELU) are
 //   the very ATen calls the reference makes, on tensors of the same shapes and strides, so MKL and
@@ -106,7 +106,7 @@ Quantize pick_quantize() {
 const Quantize quantize = pick_quantize();
 
 // ---------------------------------------------------------------- packed ternary head kernels
-// Layout (see fast.py `pack_head`): tile t holds rows 16t..16t+15; block b of a tile is 64 bytes,
+// Layout (see fast_decoder.py `pack_head`): tile t holds rows 16t..16t+15; block b of a tile is 64 bytes,
 // byte 4r+m holds, at bits 2u..2u+1, the code T+1 ∈ {0,1,2} of row 16t+r, input 16b+4u+m. So
 // (block >> 2u) & 3 is, per 32-bit lane r, the 4 codes that meet inputs 16b+4u..16b+4u+3: exactly
 // the operand of one VNNI dot (u8 codes × s8 activations, 4 products summed into each int32 lane).

@@ -10,8 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,3 +52,22 @@ def start_python(code_or_module: list[str], **env: str) -> subprocess.Popen:
     """Start ``python <args>`` as a separate OS process with line-buffered stdout."""
     return subprocess.Popen([sys.executable, *code_or_module], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=child_env(**env), cwd=str(REPO))
+
+
+@contextmanager
+def private_node(name: str) -> Iterator[tuple]:
+    """(node, executor): an rclpy node named ``name`` in a context of its own, with a
+    single-threaded executor; all torn down on exit, so tests do not share rclpy state."""
+    import rclpy  # not at import time: some users of this module need only the environment
+
+    ctx = rclpy.context.Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node(name, context=ctx)
+    ex = rclpy.executors.SingleThreadedExecutor(context=ctx)
+    ex.add_node(node)
+    try:
+        yield node, ex
+    finally:
+        ex.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)

@@ -154,15 +154,8 @@ needs_rclpy = pytest.mark.skipif(rclpy is None, reason="rclpy is not installed")
 
 @pytest.fixture
 def node():
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx)
-    n = rclpy.create_node("bag_tools_test", context=ctx)
-    ex = rclpy.executors.SingleThreadedExecutor(context=ctx)
-    ex.add_node(n)
-    yield n, ex
-    ex.shutdown()
-    n.destroy_node()
-    rclpy.shutdown(context=ctx)
+    with ros_helpers.private_node("bag_tools_test") as node_and_executor:
+        yield node_and_executor
 
 
 class Lines:

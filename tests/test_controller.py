@@ -3,7 +3,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from bitmar_core.training.controller import AdaptiveController, ControllerConfig, encoder_parameters
 

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-import ros_helpers  # noqa: F401  (sets the ROS environment first)
+import ros_helpers  # (sets the ROS environment first)
 from ros_helpers import REPO, start_python, wait_for
 
 rclpy = pytest.importorskip("rclpy")
@@ -65,15 +65,8 @@ def test_where_fields_and_forget_round_trip():
 
 @pytest.fixture
 def node():
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx)
-    n = rclpy.create_node("interfaces_test", context=ctx)
-    ex = rclpy.executors.SingleThreadedExecutor(context=ctx)
-    ex.add_node(n)
-    yield n, ex
-    ex.shutdown()
-    n.destroy_node()
-    rclpy.shutdown(context=ctx)
+    with ros_helpers.private_node("interfaces_test") as node_and_executor:
+        yield node_and_executor
 
 
 def _stop(proc):

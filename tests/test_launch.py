@@ -4,7 +4,6 @@ launch_testing test that runs where launch_testing is installed (a robot) and sk
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 

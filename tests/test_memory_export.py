@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bitmar_core.episodes.pose import Pose
-from bitmar_core.episodes.store import EpisodeStore, NewEpisode, make_thumbnail
+from bitmar_core.episodes.store import EpisodeStore
+from bitmar_core.episodes.store_api import NewEpisode, make_thumbnail
 from bitmar_ros import memory_export as X
 
 DIM, IDENTITY = 16, "bitmar-test/v1 C=16"

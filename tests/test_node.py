@@ -3,12 +3,10 @@ memory-query service, restarts, parameters, and bad input that must not hurt it 
 from __future__ import annotations
 
 import hashlib
-import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 import ros_helpers  # noqa: F401

@@ -17,7 +17,7 @@ import ros_helpers  # noqa: F401
 from node_harness import ChildProcess, Harness, NodeProcess, frame_message, scene_frame, write_tiny_checkpoint
 from ros_helpers import REPO
 
-from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import ParameterType
 from rcl_interfaces.srv import DescribeParameters, GetParameters
@@ -26,7 +26,6 @@ from std_msgs.msg import String
 
 from bitmar_ros.msg import Episode
 from bitmar_ros.params import PARAMS
-from bitmar_ros.srv import QueryMemory
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 

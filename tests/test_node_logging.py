@@ -28,7 +28,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from bitmar_core.episodes.store import StoreWriteError
+from bitmar_core.episodes.store_api import StoreWriteError
 from bitmar_ros import node as N
 from bitmar_ros.image_conversion import rgb8_to_image
 from bitmar_ros.srv import QueryMemory

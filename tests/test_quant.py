@@ -1,7 +1,6 @@
 """Quantisers against the BitNet b1.58 formulas on hand-worked tensors; packing; STE gradients."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bitmar_core.model.quant import (BitLinear, PackedBitLinear, absmax_int8, absmean_ternary, pack_model,
                                pack_ternary, unpack_ternary, zero_weight_fraction)

@@ -10,7 +10,8 @@ import torch
 
 from bitmar_core.data.scenes import SHAPE_SYNONYMS, SIZE_WORDS, parse_caption
 from bitmar_core.episodes.service import CAPTION_SYNONYM_GROUPS, EpisodicError, EpisodicMemoryService
-from bitmar_core.episodes.store import EpisodeStore, StoreWriteError
+from bitmar_core.episodes.store import EpisodeStore
+from bitmar_core.episodes.store_api import StoreWriteError
 
 CAPTIONS = ["a ginger tabby cat asleep on a sofa", "two red circles near the top",
             "a cup of coffee on the kitchen table", "a red stop sign at the corner",

@@ -19,20 +19,10 @@ import numpy as np
 import pytest
 
 from bitmar_core.episodes import store as store_mod
-from bitmar_core.episodes.store import (
-    MAX_CAPTION_BYTES,
-    MAX_K,
-    MAX_THUMBNAIL_BYTES,
-    EpisodeStore,
-    StoreClosedError,
-    StoreCorruptError,
-    StoreInputError,
-    StoreMismatchError,
-    StoreNotFoundError,
-    StoreVersionError,
-    StoreWriteError,
-    make_thumbnail,
-)
+from bitmar_core.episodes.store import EpisodeStore
+from bitmar_core.episodes.store_api import (MAX_CAPTION_BYTES, MAX_K, MAX_THUMBNAIL_BYTES, StoreClosedError,
+                                            StoreCorruptError, StoreInputError, StoreMismatchError,
+                                            StoreNotFoundError, StoreVersionError, StoreWriteError, make_thumbnail)
 
 DIM = 16
 IDENTITY = "bitmar-test/v1 C=16"
@@ -942,7 +932,7 @@ def test_pose_round_trips_and_spatial_filter_matches_a_reference(store):
     """Episodes on a line x = 0..19 in 'map' (odd ones without a pose, every fifth in 'odom'): a query
     within 3.5 m of (10, 1) finds exactly those whose planar distance, computed here, is ≤ 3.5."""
     from bitmar_core.episodes.pose import Pose
-    from bitmar_core.episodes.store import SpatialFilter
+    from bitmar_core.episodes.store_api import SpatialFilter
 
     rng = np.random.default_rng(5)
     poses, ids = {}, []
@@ -991,7 +981,7 @@ def test_forget_by_ids_time_and_caption_keeps_the_rest(store):
 
 
 def test_retention_by_count_age_and_thinning(store):
-    from bitmar_core.episodes.store import RetentionPolicy
+    from bitmar_core.episodes.store_api import RetentionPolicy
 
     rng = np.random.default_rng(7)
     same = _emb(rng)
@@ -1015,7 +1005,7 @@ def test_retention_by_count_age_and_thinning(store):
 
 def _synthetic(n0: int, n: int, dim: int = DIM, thumb: int = 200):
     """Episodes n0 .. n0+n-1: stamp = 1 s apart, caption naming the number, a seeded embedding."""
-    from bitmar_core.episodes.store import NewEpisode
+    from bitmar_core.episodes.store_api import NewEpisode
 
     rng = np.random.default_rng(n0)
     embs = rng.standard_normal((n, dim)).astype(np.float32)
@@ -1024,7 +1014,7 @@ def _synthetic(n0: int, n: int, dim: int = DIM, thumb: int = 200):
 
 
 def test_add_episodes_is_one_transaction(store):
-    from bitmar_core.episodes.store import NewEpisode
+    from bitmar_core.episodes.store_api import NewEpisode
 
     ids = store.add_episodes(_synthetic(0, 5), memory_state=_state(n=5))
     assert [store.episode(i).caption for i in ids] == [e.caption for e in _synthetic(0, 5)]
@@ -1040,7 +1030,7 @@ def test_retention_keeps_100k_synthetic_episodes_under_a_byte_budget(tmp_path):
     """100,000 episodes arrive in batches of 2,000 into a store with a 2 MiB budget (room for a few
     thousand): after every pass the database (file and used pages) is within the budget, and at the
     end the integrity check is clean and the newest episodes are all there, in a row up to the last."""
-    from bitmar_core.episodes.store import RetentionPolicy
+    from bitmar_core.episodes.store_api import RetentionPolicy
 
     budget = 2 * 1024 * 1024
     policy = RetentionPolicy(max_bytes=budget)
@@ -1093,13 +1083,13 @@ def test_kill_during_retention_loses_nothing_it_should_keep(tmp_path):
             counts.append(len(ids))
     assert any(keep < c < len(added) for c in counts), counts  # some kill landed inside the pass
     with EpisodeStore.open(directory, DIM, IDENTITY) as s:
-        from bitmar_core.episodes.store import RetentionPolicy
+        from bitmar_core.episodes.store_api import RetentionPolicy
         s.enforce_retention(RetentionPolicy(max_count=keep, low_water=1.0))
         assert [e.id for e in s.all_episodes()] == added[-keep:] and s.integrity_check() == []
 
 
 def test_retention_by_bytes_keeps_the_newest_within_the_budget(store):
-    from bitmar_core.episodes.store import RetentionPolicy
+    from bitmar_core.episodes.store_api import RetentionPolicy
 
     ids = store.add_episodes(_synthetic(0, 400, thumb=2_000))
     budget = store.bytes_used() // 2

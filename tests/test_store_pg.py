@@ -10,7 +10,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from bitmar_core.episodes.store import StoreMismatchError, StoreNotFoundError
+from bitmar_core.episodes.store_api import StoreMismatchError, StoreNotFoundError
 from bitmar_core.episodes.store_pg import FLEET, PgEpisodeStore, StoreUnavailableError, mask_dsn
 
 DIM = 16

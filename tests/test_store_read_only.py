@@ -7,14 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitmar_core.episodes.store import (
-    DB_FILENAME,
-    EpisodeStore,
-    StoreInputError,
-    StoreMismatchError,
-    StoreNotFoundError,
-    StoreWriteError,
-)
+from bitmar_core.episodes.store import DB_FILENAME, EpisodeStore
+
+from bitmar_core.episodes.store_api import StoreInputError, StoreMismatchError, StoreNotFoundError, StoreWriteError
 
 DIM = 8
 IDENTITY = "bitmar-test/read-only C=8"

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..inference.runtime import BitMarRuntime, FrameCode, RuntimeLoadError
 from .pose import Pose
-from .store import (EpisodeStore, EpisodeStoreAPI, Hit, RetentionPolicy, RetentionReport, SpatialFilter, StoreError,
-                    make_thumbnail)
+from .store import EpisodeStore
+from .store_api import EpisodeStoreAPI, Hit, RetentionPolicy, RetentionReport, SpatialFilter, StoreError, make_thumbnail
 
 # Words the caption grammar (bitmar_core/data/scenes.py: its wording and `parse_caption`) uses for
 # the same attribute. The store's full-text index treats each group as one word (a query for one

@@ -1,9 +1,9 @@
 """PgEpisodeStore: the episodic store of a robot fleet on PostgreSQL + pgvector.
 
-The same interface and semantics as the SQLite ``EpisodeStore`` (``bitmar_core/store.py``): each
+The same interface and semantics as the SQLite ``EpisodeStore`` (``bitmar_core/episodes/store.py``): each
 episode and the memory state its write produced commit in one transaction, the model identity is
 checked on connect, the hybrid query fuses a lexical and an embedding ranking by the same rule
-(``store.fuse_rankings``). What a fleet adds: every episode names its robot, each robot keeps its
+(``store_api.fuse_rankings``). What a fleet adds: every episode names its robot, each robot keeps its
 own memory-state rows, queries read one robot (default) or the fleet (``robot_scope='*'``), and a
 database that is unreachable or restarting does not stop the robot (see ``add_episode``).
 
@@ -36,13 +36,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .pose import Pose
-from .store import (
-    _F32_LE, _SOURCE_RE, _STATE_DTYPES, MAX_CAPTION_BYTES, MAX_EMBEDDING_DIM, MAX_IDENTITY_BYTES, MAX_SOURCE_CHARS,
-    MAX_STAMP_NS, MAX_THUMBNAIL_BYTES, SCHEMA_VERSION, _POSE_SELECT, Episode, Hit, RetentionPolicy, RetentionReport,
-    SpatialFilter, StoreClosedError, StoreCorruptError, StoreError,
-    StoreInputError, StoreMismatchError, StoreNotFoundError, StoreVersionError, StoreWriteError, _check_embedding_array,
-    _check_k, _check_stamp, _check_synonyms, _check_text, _check_thumbnail, _check_window, _encode_state, _is_int,
-    _normalise, _pose_from_columns, _pose_row, _query_words, _state_row_problem, fuse_rankings, fusion_depth)
+from .store_api import (_F32_LE, MAX_CAPTION_BYTES, MAX_EMBEDDING_DIM, MAX_IDENTITY_BYTES, MAX_SOURCE_CHARS,
+                        MAX_STAMP_NS, MAX_THUMBNAIL_BYTES, _POSE_SELECT, SCHEMA_VERSION, _SOURCE_RE, Episode, Hit,
+                        RetentionPolicy, RetentionReport, SpatialFilter, StoreClosedError, StoreCorruptError,
+                        StoreError, StoreInputError, StoreMismatchError, StoreNotFoundError, StoreVersionError,
+                        StoreWriteError, _check_embedding_array, _check_k, _check_stamp, _check_synonyms, _check_text,
+                        _check_thumbnail, _check_window, _decode_state, _encode_state, _episode_by_id, fuse_rankings,
+                        fusion_depth, _is_int, _normalise, _pose_from_columns, _pose_row, _query_words,
+                        _state_row_problem)
 
 FLEET = "*"                      # robot_scope: every robot's episodes
 MAX_ROBOT_ID_CHARS = 256
@@ -76,7 +77,7 @@ class _Pending:
     thumbnail: bytes
     nbytes: int
     token: object           # the caller's, handed back to ``on_commit``
-    pose: tuple = (None,) * 8  # the pose columns (store._pose_row)
+    pose: tuple = (None,) * 8  # the pose columns (store_api._pose_row)
 
 
 class PgEpisodeStore:
@@ -319,9 +320,9 @@ class PgEpisodeStore:
             return None
 
     def add_episodes(self, episodes, memory_state: dict[str, np.ndarray] | None = None) -> list[int]:
-        """Store many episodes of this robot (``store.NewEpisode``) and a memory state in one
+        """Store many episodes of this robot (``store_api.NewEpisode``) and a memory state in one
         transaction: all or none; never buffered (an unreachable database raises)."""
-        from .store import check_new_episode
+        from .store_api import check_new_episode
         items = []
         for n, episode in enumerate(episodes):
             e, emb, unit, thumb, pose_row = check_new_episode(
@@ -620,12 +621,7 @@ class PgEpisodeStore:
 
     def episode(self, episode_id: int) -> Episode:
         """The episode with this id (any robot's); ``KeyError`` if there is none."""
-        if not _is_int(episode_id):
-            raise StoreInputError(f"episode_id: expected an int, got {episode_id!r}")
-        found = self._fetch([int(episode_id)])
-        if not found:
-            raise KeyError(f"episode_id {episode_id} not in the store")
-        return found[int(episode_id)]
+        return _episode_by_id(episode_id, self._fetch)
 
     def all_episodes(self, robot_scope: str | None = None) -> list[Episode]:
         """Every episode in the scope (this robot by default), oldest id first."""
@@ -639,18 +635,7 @@ class PgEpisodeStore:
         rows = self._read("memory_state", lambda c: c.execute(
             "SELECT name, dtype, shape, data FROM bitmar_memory_state WHERE robot_id = %s ORDER BY name",
             (self.robot_id,)).fetchall())
-        if not rows:
-            return None
-        state = {}
-        for name, dtype_name, shape_json, data in rows:
-            data = bytes(data)
-            problem = _state_row_problem(name, dtype_name, shape_json, data)
-            if problem:
-                raise StoreCorruptError(f"{self.where}: {problem}")
-            dtype = _STATE_DTYPES[dtype_name]
-            state[name] = np.frombuffer(data, dtype=dtype).reshape(json.loads(shape_json)).astype(
-                dtype.newbyteorder("="), copy=True)
-        return state
+        return _decode_state(rows, self.where)
 
     def episodes_by_time(self, limit: int, offset: int = 0, newest_first: bool = True, start_ns: int | None = None,
                          end_ns: int | None = None, robot_scope: str | None = None) -> list[Episode]:

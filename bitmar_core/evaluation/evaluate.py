@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.scenes import (Scene, attribute_facts, caption_scene, generate_scene, parse_caption, render_scene,
-                          split_seed, true_facts)
+                           split_seed, true_facts)
 from ..data.streams import recall_answer
 from ..inference.decoding import DecoderSession
 from .metrics import FactCounts, attribute_prf, corpus_bleu, sentence_bleu

@@ -39,13 +39,13 @@ from ..model.config import BitMarConfig
 from ..model.quant import zero_weight_fraction
 from .controller import AdaptiveController, ControllerConfig
 from .data import (episode_batches, image_dataset, scene_cache, scene_ground_truth, text_corpus,
-                            training_vocabulary)
+                   training_vocabulary)
 from .distributed import Dist
 from .plots import memory_read_weights, plot_losses, plot_memory_activations, plot_zero_fraction
 from .recipe import Recipe, load_recipe
 from .schedule import CosineWarmRestarts
 from .state import (build_optimizer, flatten_state, load_training_state, rng_state, save_training_state,
-                             set_rng_state, unflatten_state)
+                    set_rng_state, unflatten_state)
 
 log = logging.getLogger("bitmar.train")
 

@@ -9,7 +9,8 @@ each transaction (so the test can kill it mid-pass on any machine) and ``done`` 
 import sys
 
 from bitmar_core.episodes import store as store_mod
-from bitmar_core.episodes.store import EpisodeStore, RetentionPolicy
+from bitmar_core.episodes.store import EpisodeStore
+from bitmar_core.episodes.store_api import RetentionPolicy
 
 
 def main() -> None:
