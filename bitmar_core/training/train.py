@@ -6,8 +6,11 @@ the adaptive controller, exact resume, DDP under torchrun.
     bitmar-train --config config/train_default.yaml [--run-dir runs/x] [--steps N] [--resume DIR]
                  [--set train.lr=1e-3 --set data.scenes.n=64 --set model.window=60 ...]
 
-The pieces live in `bitmar_core.training`: the recipe (`recipe.py`), the data (`data.py`), the
-optimizer and resumable state (`state.py`), torchrun (`distributed.py`) and the figures (`plots.py`).
+The loop reads top to bottom: `set_up` (device and ranks, `build_model`, `build_data`, the
+optimizer, `restore` on resume), `train_step` (one optimizer step), `RunLog` (metrics, TensorBoard,
+progress) and `finish` (packed model, figures, summary). The pieces they use live beside this file:
+the recipe (`recipe.py`), the data (`data.py`), the optimizer and resumable state (`state.py`),
+torchrun (`distributed.py`) and the figures (`plots.py`).
 A run directory holds metrics.csv, TensorBoard events (tb/), controller events, the resumable
 checkpoint (checkpoint/: safetensors + JSON, no pickle), the packed model and the figures.
 """
@@ -24,6 +27,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -51,11 +55,11 @@ log = logging.getLogger("bitmar.train")
 
 __all__ = ["train", "main", "load_recipe", "build_optimizer", "flatten_state", "unflatten_state", "scene_cache"]
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- helpers
 
-CSV_FIELDS = ["step", "loss", "lm", "cm", "mem", "lm_scene", "lm_recall", "similarity", "similarity_ema", "lr", "cm_weight", "grad_norm",
-              "zero_fraction", "tokens_per_s", "elapsed_s", "val_loss", "val_lm", "val_cm", "val_lm_scene", "val_lm_recall",
-              "controller"]
+CSV_FIELDS = ["step", "loss", "lm", "cm", "mem", "lm_scene", "lm_recall", "similarity", "similarity_ema", "lr",
+              "cm_weight", "grad_norm", "zero_fraction", "tokens_per_s", "elapsed_s", "val_loss", "val_lm",
+              "val_cm", "val_lm_scene", "val_lm_recall", "controller"]
 
 
 def resolve_device(t: dict) -> torch.device:
@@ -125,8 +129,84 @@ def init_from_checkpoint(path: Path, fields: dict) -> BitMar:
     return model.train()
 
 
+# --------------------------------------------------------------------------- the loop
+
+@dataclass
+class Run:
+    """What a training run holds from set-up to its last step: where it runs, the model, its data
+    and its optimisation, and where a resumed run starts."""
+
+    recipe: Recipe
+    run_dir: Path
+    d: Dist
+    device: torch.device
+    precision: str
+    seed: int
+    model: BitMar
+    ddp_model: torch.nn.Module  # the model, or its DDP wrapper under torchrun
+    batches: object             # EpisodeBatches: an iterator with state_dict/load_state_dict
+    val_batches: list[dict]
+    probe: dict
+    optimizer: torch.optim.Optimizer
+    schedule: CosineWarmRestarts
+    scaler: torch.amp.GradScaler | None
+    controller: AdaptiveController
+    start_step: int = 0
+    elapsed_before: float = 0.0  # seconds trained before a resume
+    zero_steps: list[int] = field(default_factory=list)
+    zero_fractions: list[float] = field(default_factory=list)
+    probe_first: tuple[int, np.ndarray] | None = None  # memory reads at the first logged step
+
+    def resumable_extra(self, elapsed_s: float) -> dict:
+        """What the resumable checkpoint keeps beyond model, optimizer and data."""
+        return {"elapsed_s": elapsed_s, "zero_steps": self.zero_steps, "zero_fractions": self.zero_fractions,
+                "probe_first_step": self.probe_first[0] if self.probe_first else None,
+                "probe_first": self.probe_first[1].tolist() if self.probe_first else None}
+
+
 def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
-    t, data, out_cfg = recipe.train, recipe.data, recipe.output
+    """Set up, then step to train.steps (or train.max_time_s), logging and saving on the way; then
+    the packed model, the figures and summary.json."""
+    run = set_up(recipe, run_dir, resume)
+    t = recipe.train
+    steps = int(t.steps)
+    log_ = RunLog(run) if run.d.main else None
+    t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return run.elapsed_before + time.perf_counter() - t_start
+
+    first_loss = None
+    step = run.start_step
+    run.model.train()
+    try:
+        for step in range(run.start_step + 1, steps + 1):
+            stats = train_step(run, step)
+            if first_loss is None:
+                first_loss = stats["loss"]
+            if log_ is not None:
+                log_.step(step, stats, elapsed())
+            out_of_time = t.max_time_s is not None and elapsed() > float(t.max_time_s)
+            if run.d.enabled:  # every rank must stop at the same step
+                out_of_time = bool(run.d.all_reduce_sum(torch.tensor([float(out_of_time)]))[0] > 0)
+            if step % int(t.save_every) == 0 or step == steps or out_of_time:
+                save_all(run_dir, run.model, run.optimizer, run.scaler, run.controller, run.batches, step,
+                         recipe.to_dict(), run.d, run.resumable_extra(elapsed()))
+            if out_of_time:
+                log.warning("train.max_time_s = %s reached at step %d; stopping", t.max_time_s, step)
+                break
+    finally:
+        if log_ is not None:
+            log_.close()
+    return finish(run, step, elapsed(), first_loss)
+
+
+# --------------------------------------------------------------------------- set-up
+
+def set_up(recipe: Recipe, run_dir: Path, resume: Path | None) -> Run:
+    """Device and ranks, the model (fresh, from a first stage, or resumed), the data, the optimizer,
+    schedule and controller, and DDP. Every rank builds the same model: seeded before construction."""
+    t, data = recipe.train, recipe.data
     device = resolve_device(t)
     if t.num_threads:
         torch.set_num_threads(int(t.num_threads))
@@ -143,16 +223,49 @@ def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
     grad_ckpt = t.gradient_checkpointing
     grad_ckpt = device.type == "cuda" if grad_ckpt == "auto" else bool(grad_ckpt)
 
-    # --- model (identical init on every rank: seeded before construction) ---
     seed = int(t.seed)
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    state = state_tensors = None
     image_train = image_dataset(data, "train", d)
     if image_train is None:
         raise ValueError("train config: data.scenes or data.captions must name image–caption training data")
     text_train = text_corpus(data, "train")
+    model, state, state_tensors = build_model(recipe, resume, grad_ckpt, image_train, text_train, d)
+    model.to(device)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    batches, val_batches, probe = build_data(recipe, model, image_train, text_train, seed, d, device)
+
+    optimizer = build_optimizer(model, t, device)
+    schedule = CosineWarmRestarts(float(t.lr), int(t.t0), int(t.t_mult), float(t.min_lr_ratio),
+                                  int(t.warmup_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16") if device.type == "cuda" else None
+    controller = AdaptiveController(ControllerConfig(**recipe.controller), model)
+    run = Run(recipe, run_dir, d, device, precision, seed, model, model, batches, val_batches, probe, optimizer,
+              schedule, scaler, controller)
+    if state is not None:
+        restore(run, state, state_tensors)
+    else:
+        # Per-rank stochasticity (dropout, write masks) after the identical initialisation.
+        torch.manual_seed(seed + 1000 * d.rank)
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Text-only micro-batches leave the vision path unused on some ranks; frozen encoders too.
+        run.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                            find_unused_parameters=True)
+    return run
+
+
+def build_model(recipe: Recipe, resume: Path | None, grad_ckpt: bool, image_train, text_train, d: Dist):
+    """→ (model, resumed state or None, its tensors or None): resumed from a checkpoint folder,
+    initialised from a first stage (`train.init_from`), or new (with the corpus vocabulary when
+    `model.vocab_subset`)."""
+    t, data = recipe.train, recipe.data
+    state = state_tensors = None
     if resume is not None:
         model, state, state_tensors = load_training_state(resume)
         if state["world"] != d.world:
@@ -172,12 +285,14 @@ def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
             model.token_ids.copy_(torch.tensor(token_ids, dtype=torch.long))
             log.info("vocabulary: %d GPT-2 tokens (the head's rows)", len(token_ids))
     model.config.gradient_checkpointing = grad_ckpt
-    model.to(device)
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    return model, state, state_tensors
 
-    # --- data ---
+
+def build_data(recipe: Recipe, model: BitMar, image_train, text_train, seed: int, d: Dist,
+               device: torch.device) -> tuple[object, list[dict], dict]:
+    """→ (this rank's training batches, fixed validation batches, the probe captions whose memory
+    reads the figures show)."""
+    t, data = recipe.train, recipe.data
     tokenizer = tokenizer_for(model)
     vision_shape = image_train.vision_shape
     if vision_shape[0] != model.config.vision_feature_dim:
@@ -188,7 +303,7 @@ def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
     scenes_train = scene_ground_truth(data, "train") if data.recall_items else None
     batches = episode_batches(data, t, image_train, scenes_train, tokenizer, model.config, seed, d.rank, d.world,
                               text_train)
-    val_batches, probe = [], None
+    val_batches = []
     image_val = image_dataset(data, "val", d)
     if image_val is not None:
         scenes_val = scene_ground_truth(data, "val") if data.recall_items else None
@@ -203,175 +318,160 @@ def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
              "caption_mask": torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]).bool(),
              "vision": torch.stack([torch.as_tensor(np.asarray(probe_source[i]["vision"]), dtype=torch.float32)
                                     for i in range(n)])}
-    probe = to_device(probe, device)
+    return batches, val_batches, to_device(probe, device)
 
-    # --- optimisation ---
-    optimizer = build_optimizer(model, t, device)
-    schedule = CosineWarmRestarts(float(t.lr), int(t.t0), int(t.t_mult), float(t.min_lr_ratio),
-                                  int(t.warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16") if device.type == "cuda" else None
-    controller = AdaptiveController(ControllerConfig(**recipe.controller), model)
-    start_step, elapsed_before = 0, 0.0
-    zero_log: tuple[list[int], list[float]] = ([], [])
-    probe_first = None
-    if state is not None:
-        optimizer.load_state_dict(unflatten_state(state["optimizer"], state_tensors))
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        controller.load_state_dict(state["controller"])
-        batches.load_state_dict(state["data"])
-        rng_t = {k.split("/", 2)[2]: v for k, v in state_tensors.items() if k.startswith(f"rng/{d.rank}/")}
-        set_rng_state(rng_t, state["rng"][d.rank])
-        start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-        zero_log = (state.get("zero_steps", []), state.get("zero_fractions", []))
-        if state.get("probe_first") is not None:
-            probe_first = (state["probe_first_step"], np.asarray(state["probe_first"], dtype=np.float32))
+
+def restore(run: Run, state: dict, state_tensors: dict) -> None:
+    """A resumed run continues exactly: optimizer, scaler, controller, data position, every RNG."""
+    run.optimizer.load_state_dict(unflatten_state(state["optimizer"], state_tensors))
+    if run.scaler is not None and state["scaler"] is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    run.controller.load_state_dict(state["controller"])
+    run.batches.load_state_dict(state["data"])
+    rng_t = {k.split("/", 2)[2]: v for k, v in state_tensors.items() if k.startswith(f"rng/{run.d.rank}/")}
+    set_rng_state(rng_t, state["rng"][run.d.rank])
+    run.start_step, run.elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+    run.zero_steps, run.zero_fractions = state.get("zero_steps", []), state.get("zero_fractions", [])
+    if state.get("probe_first") is not None:
+        run.probe_first = (state["probe_first_step"], np.asarray(state["probe_first"], dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- one step
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step over train.grad_accum micro-batches (eq. 4 with the controller's L_cm
+    weight), gradients clipped, losses averaged over micro-batches and ranks."""
+    t, model, optimizer, scaler = run.recipe.train, run.model, run.optimizer, run.scaler
+    accum = int(t.grad_accum)
+    lr = run.schedule.apply(optimizer, step - 1)
+    cm_w = run.controller.cm_weight(model.config.cm_weight)
+    sums = torch.zeros(9, dtype=torch.float64)  # loss lm cm mem sim·n_vis n_vis tokens lm_scene lm_recall
+    for micro in range(accum):
+        batch = to_device(next(run.batches), run.device)
+        sync = nullcontext() if (micro == accum - 1 or not run.d.enabled) else run.ddp_model.no_sync()
+        with sync:
+            with autocast_for(run.precision, run.device):
+                out = run.ddp_model(batch, cm_weight=cm_w)
+            loss = out["loss"] / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        n_vis = float(batch["caption_ids"].shape[0])
+        n_tok = float((batch["stream_targets"] != IGNORE).sum())
+        if "answer_targets" in batch:
+            n_tok += float((batch["answer_targets"] != IGNORE).sum())
+        sums += torch.tensor([float(out[k].detach()) for k in ("loss", "lm", "cm", "mem")] +
+                             [float(out["similarity"]) * n_vis, n_vis, n_tok,
+                              float(out["lm_scene"]), float(out["lm_recall"])], dtype=torch.float64)
+    for p in run.controller.frozen_parameters():
+        p.grad = None
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(t.grad_clip))) if t.grad_clip else float("nan")
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
     else:
-        # Per-rank stochasticity (dropout, write masks) after the identical initialisation.
-        torch.manual_seed(seed + 1000 * d.rank)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
-    ddp_model = model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    sums = run.d.all_reduce_sum(sums)
+    n = accum * run.d.world
+    loss_v, lm_v, cm_v, mem_v = (float(x) / n for x in sums[:4])
+    similarity = float(sums[4] / sums[5]) if sums[5] > 0 else None
+    event = run.controller.update(step, similarity)
+    if not math.isfinite(loss_v):
+        raise FloatingPointError(f"step {step}: loss is {loss_v}; lower train.lr or check the data")
+    return {"loss": loss_v, "lm": lm_v, "cm": cm_v, "mem": mem_v, "lm_scene": float(sums[7]) / n,
+            "lm_recall": float(sums[8]) / n, "similarity": similarity, "tokens": float(sums[6]), "lr": lr,
+            "cm_weight": cm_w, "grad_norm": grad_norm, "event": event}
 
-        # Text-only micro-batches leave the vision path unused on some ranks; frozen encoders too.
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=True)
 
-    # --- logging (rank 0) ---
-    writer = csv_file = csv_writer = bar = None
-    if d.main:
+# --------------------------------------------------------------------------- logging (rank 0)
+
+class RunLog:
+    """metrics.csv, TensorBoard (tb/), controller_events.jsonl and the progress bar of rank 0. A
+    resumed run keeps the CSV rows up to its step and appends from there."""
+
+    def __init__(self, run: Run) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        csv_path = run_dir / "metrics.csv"
+        self.run = run
+        t, start_step = run.recipe.train, run.start_step
+        self.writer = SummaryWriter(str(run.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        csv_path = run.run_dir / "metrics.csv"
         keep = []
         if start_step and csv_path.is_file():
             with open(csv_path, newline="") as f:
                 keep = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        csv_file = open(csv_path, "w", newline="")
-        csv_writer = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS)
-        csv_writer.writeheader()
-        csv_writer.writerows(keep)
-        bar = tqdm(total=int(t.steps), initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                   file=sys.stderr, mininterval=2.0)
+        self.csv_file = open(csv_path, "w", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=CSV_FIELDS)
+        self.csv.writeheader()
+        self.csv.writerows(keep)
+        self.bar = tqdm(total=int(t.steps), initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, mininterval=2.0)
+        self.tokens_window, self.time_window = 0.0, time.perf_counter()
         log.info("%s: %d parameters, device %s, %d rank(s), precision %s, optimizer %s, "
-                 "global batch %d × %d accumulation", run_dir, model.num_parameters(), device, d.world,
-                 precision, type(optimizer).__name__, int(t.batch_size), t.grad_accum)
+                 "global batch %d × %d accumulation", run.run_dir, run.model.num_parameters(), run.device,
+                 run.d.world, run.precision, type(run.optimizer).__name__, int(t.batch_size), t.grad_accum)
 
-    steps, accum = int(t.steps), int(t.grad_accum)
-    summary: dict = {}
-    first_loss = None
-    t_start = time.perf_counter()
-    tokens_window, time_window = 0.0, time.perf_counter()
-    model.train()
-    step = start_step
-    try:
-        for step in range(start_step + 1, steps + 1):
-            lr = schedule.apply(optimizer, step - 1)
-            cm_w = controller.cm_weight(model.config.cm_weight)
-            sums = torch.zeros(9, dtype=torch.float64)  # loss lm cm mem sim·n_vis n_vis tokens lm_scene lm_recall
-            for micro in range(accum):
-                batch = to_device(next(batches), device)
-                sync = nullcontext() if (micro == accum - 1 or not d.enabled) else ddp_model.no_sync()
-                with sync:
-                    with autocast_for(precision, device):
-                        out = ddp_model(batch, cm_weight=cm_w)
-                    loss = out["loss"] / accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                n_vis = float(batch["caption_ids"].shape[0])
-                n_tok = float((batch["stream_targets"] != IGNORE).sum())
-                if "answer_targets" in batch:
-                    n_tok += float((batch["answer_targets"] != IGNORE).sum())
-                sums += torch.tensor([float(out[k].detach()) for k in ("loss", "lm", "cm", "mem")] +
-                                     [float(out["similarity"]) * n_vis, n_vis, n_tok,
-                                      float(out["lm_scene"]), float(out["lm_recall"])], dtype=torch.float64)
-            for p in controller.frozen_parameters():
-                p.grad = None
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            params = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(t.grad_clip))) \
-                if t.grad_clip else float("nan")
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def step(self, step: int, s: dict, elapsed_s: float) -> None:
+        """Count the step; every train.log_every steps (and at the first, the last and a controller
+        event) write a metrics row, validation losses every train.eval_every."""
+        run, t = self.run, self.run.recipe.train
+        steps = int(t.steps)
+        self.bar.update(1)
+        self.tokens_window += s["tokens"]
+        event = s["event"]
+        if event is not None:
+            with open(run.run_dir / "controller_events.jsonl", "a") as f:
+                f.write(json.dumps(event) + "\n")
+            self.writer.add_text("controller", json.dumps(event), step)
+        if not (step % int(t.log_every) == 0 or step == steps or step == run.start_step + 1 or event):
+            return
+        now = time.perf_counter()
+        tok_s = self.tokens_window / max(now - self.time_window, 1e-9)
+        self.tokens_window, self.time_window = 0.0, now
+        zf = zero_weight_fraction(run.model)
+        run.zero_steps.append(step)
+        run.zero_fractions.append(zf)
+        controller = run.controller
+        row = {"step": step, **{k: s[k] for k in ("loss", "lm", "cm", "mem", "lm_scene", "lm_recall")},
+               "similarity": "" if s["similarity"] is None else s["similarity"],
+               "similarity_ema": "" if controller.ema is None else controller.ema,
+               "lr": s["lr"], "cm_weight": s["cm_weight"], "grad_norm": s["grad_norm"], "zero_fraction": zf,
+               "tokens_per_s": tok_s, "elapsed_s": elapsed_s, "controller": (controller.active or {}).get("action", "")}
+        if run.val_batches and (step % int(t.eval_every) == 0 or step == steps):
+            v = evaluate(run.model, run.val_batches, run.device, run.precision, run.seed)
+            row.update(val_loss=v["loss"], val_lm=v["lm"], val_cm=v["cm"], val_lm_scene=v["lm_scene"],
+                       val_lm_recall=v["lm_recall"])
+            self.writer.add_scalars("val", v, step)
+        for k in ("loss", "lm", "cm", "mem", "lr", "cm_weight", "grad_norm", "zero_fraction", "tokens_per_s"):
+            self.writer.add_scalar(f"train/{k}", row[k], step)
+        if s["similarity"] is not None:
+            self.writer.add_scalar("train/similarity", s["similarity"], step)
+            self.writer.add_scalar("train/similarity_ema", controller.ema, step)
+        self.csv.writerow(row)
+        self.csv_file.flush()
+        self.bar.set_postfix(loss=f"{s['loss']:.3f}", scene=f"{s['lm_scene']:.3f}", recall=f"{s['lm_recall']:.3f}",
+                             cm=f"{s['cm']:.3f}", tok_s=f"{tok_s:.0f}")
+        if run.probe is not None and run.probe_first is None:
+            run.probe_first = (step, memory_read_weights(run.model, run.probe))
 
-            sums = d.all_reduce_sum(sums)
-            n = accum * d.world
-            loss_v, lm_v, cm_v, mem_v = (float(x) / n for x in sums[:4])
-            lm_scene_v, lm_recall_v = float(sums[7]) / n, float(sums[8]) / n
-            similarity = float(sums[4] / sums[5]) if sums[5] > 0 else None
-            event = controller.update(step, similarity)
-            tokens_window += float(sums[6])
-            if first_loss is None:
-                first_loss = loss_v
-            if not math.isfinite(loss_v):
-                raise FloatingPointError(f"step {step}: loss is {loss_v}; lower train.lr or check the data")
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+        self.csv_file.close()
 
-            if d.main:
-                bar.update(1)
-                if event is not None:
-                    with open(run_dir / "controller_events.jsonl", "a") as f:
-                        f.write(json.dumps(event) + "\n")
-                    writer.add_text("controller", json.dumps(event), step)
-                if step % int(t.log_every) == 0 or step == steps or step == start_step + 1 or event:
-                    now = time.perf_counter()
-                    tok_s = tokens_window / max(now - time_window, 1e-9)
-                    tokens_window, time_window = 0.0, now
-                    zf = zero_weight_fraction(model)
-                    zero_log[0].append(step)
-                    zero_log[1].append(zf)
-                    row = {"step": step, "loss": loss_v, "lm": lm_v, "cm": cm_v, "mem": mem_v,
-                           "lm_scene": lm_scene_v, "lm_recall": lm_recall_v,
-                           "similarity": "" if similarity is None else similarity,
-                           "similarity_ema": "" if controller.ema is None else controller.ema,
-                           "lr": lr, "cm_weight": cm_w, "grad_norm": grad_norm, "zero_fraction": zf,
-                           "tokens_per_s": tok_s, "elapsed_s": elapsed_before + now - t_start,
-                           "controller": (controller.active or {}).get("action", "")}
-                    if val_batches and (step % int(t.eval_every) == 0 or step == steps):
-                        v = evaluate(model, val_batches, device, precision, seed)
-                        row.update(val_loss=v["loss"], val_lm=v["lm"], val_cm=v["cm"], val_lm_scene=v["lm_scene"],
-                                   val_lm_recall=v["lm_recall"])
-                        writer.add_scalars("val", v, step)
-                    for k in ("loss", "lm", "cm", "mem", "lr", "cm_weight", "grad_norm", "zero_fraction",
-                              "tokens_per_s"):
-                        writer.add_scalar(f"train/{k}", row[k], step)
-                    if similarity is not None:
-                        writer.add_scalar("train/similarity", similarity, step)
-                        writer.add_scalar("train/similarity_ema", controller.ema, step)
-                    csv_writer.writerow(row)
-                    csv_file.flush()
-                    bar.set_postfix(loss=f"{loss_v:.3f}", scene=f"{lm_scene_v:.3f}", recall=f"{lm_recall_v:.3f}",
-                                    cm=f"{cm_v:.3f}", tok_s=f"{tok_s:.0f}")
-                    if probe is not None and probe_first is None:
-                        probe_first = (step, memory_read_weights(model, probe))
-            out_of_time = t.max_time_s is not None and elapsed_before + time.perf_counter() - t_start > float(t.max_time_s)
-            if d.enabled:  # every rank must stop at the same step
-                out_of_time = bool(d.all_reduce_sum(torch.tensor([float(out_of_time)]))[0] > 0)
-            if step % int(t.save_every) == 0 or step == steps or out_of_time:
-                save_all(run_dir, model, optimizer, scaler, controller, batches, step, recipe.to_dict(), d,
-                         {"elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                          "zero_steps": zero_log[0], "zero_fractions": zero_log[1],
-                          "probe_first_step": probe_first[0] if probe_first else None,
-                          "probe_first": probe_first[1].tolist() if probe_first else None})
-            if out_of_time:
-                log.warning("train.max_time_s = %s reached at step %d; stopping", t.max_time_s, step)
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        if csv_file is not None:
-            csv_file.close()
 
-    wall = elapsed_before + time.perf_counter() - t_start
+# --------------------------------------------------------------------------- the end of a run
+
+def finish(run: Run, step: int, wall: float, first_loss: float | None) -> dict:
+    """Rank 0: the packed model (and its copy at output.packed_checkpoint), the figures and
+    summary.json; under torchrun every rank writes its parameter checksum (equal across ranks)."""
+    model, d, summary = run.model, run.d, {}
     if d.main:
+        run_dir, out_cfg = run.run_dir, run.recipe.output
         packed = save_checkpoint(model, run_dir / "model_packed.safetensors", packed=True)
         if out_cfg.packed_checkpoint:
             dest = Path(out_cfg.packed_checkpoint)
@@ -381,11 +481,11 @@ def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
             rows = list(csv.DictReader(f))
         if rows:
             plot_losses(rows, run_dir / "losses.png")
-        if zero_log[0]:
-            plot_zero_fraction(*zero_log, run_dir / "zero_fraction.png")
-        if probe is not None and probe_first is not None:
-            plot_memory_activations(probe_first[1], memory_read_weights(model, probe),
-                                    (probe_first[0], step), run_dir / "memory_activations.png")
+        if run.zero_steps:
+            plot_zero_fraction(run.zero_steps, run.zero_fractions, run_dir / "zero_fraction.png")
+        if run.probe is not None and run.probe_first is not None:
+            plot_memory_activations(run.probe_first[1], memory_read_weights(model, run.probe),
+                                    (run.probe_first[0], step), run_dir / "memory_activations.png")
         last = rows[-1] if rows else {}
         vals = [r for r in rows if r.get("val_loss")]
         summary = {"steps": step, "wall_time_s": wall, "first_loss": float(rows[0]["loss"]) if rows else first_loss,
@@ -393,19 +493,19 @@ def train(recipe: Recipe, run_dir: Path, resume: Path | None = None) -> dict:
                    "final_val": {k: float(vals[-1][k]) for k in ("val_loss", "val_lm", "val_cm")} if vals else None,
                    "zero_fraction": zero_weight_fraction(model),
                    "packed_bytes": packed.stat().st_size, "parameters": model.num_parameters(),
-                   "controller_events": controller.events, "world": d.world, "device": str(device),
-                   "optimizer": type(optimizer).__name__, "precision": precision}
+                   "controller_events": run.controller.events, "world": d.world, "device": str(run.device),
+                   "optimizer": type(run.optimizer).__name__, "precision": run.precision}
         if rows:
             tok = [float(r["tokens_per_s"]) for r in rows[1:]] or [float(rows[0]["tokens_per_s"])]
             summary["tokens_per_s_mean"] = float(np.mean(tok))
-            summary["steps_per_s"] = (step - start_step) / max(wall - elapsed_before, 1e-9)
+            summary["steps_per_s"] = (step - run.start_step) / max(wall - run.elapsed_before, 1e-9)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "controller_events"}))
     if d.enabled:
         checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-        (run_dir / f"checksum_rank{d.rank}.json").parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / f"checksum_rank{d.rank}.json").write_text(json.dumps({"rank": d.rank, "checksum": checksum,
-                                                                         "loss": summary.get("final")}))
+        (run.run_dir / f"checksum_rank{d.rank}.json").parent.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / f"checksum_rank{d.rank}.json").write_text(
+            json.dumps({"rank": d.rank, "checksum": checksum, "loss": summary.get("final")}))
         d.barrier()
     d.close()
     return summary
