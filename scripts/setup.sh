@@ -69,6 +69,9 @@ cli_stamp="$VENV/.bitmar-cli.sha256"
 cli_want=$( (cat "$ROOT/setup.py"; cd "$ROOT" && find bitmar_core -name '*.py' | sort | xargs sha256sum) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$cli_stamp" ] || [ "$(cat "$cli_stamp")" != "$cli_want" ] || [ ! -x "$VENV/bin/bitmar-train" ]; then
   log "installing the bitmar-train / bitmar-eval / bitmar-extract-features commands"
+  # setuptools builds from build/lib, which keeps modules the source no longer has (a moved module
+  # would be installed again under its old name): build from the source as it is.
+  rm -rf "$ROOT/build/lib" "$ROOT/build/bdist."*
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
     --no-index "$ROOT" >"$ROOT/build/cli_install.log" 2>&1 || { tail -30 "$ROOT/build/cli_install.log"; exit 1; }
   echo "$cli_want" > "$cli_stamp"

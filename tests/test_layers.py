@@ -17,7 +17,8 @@ def _reference_attention(q, k, v, allowed):
         for h in range(H):
             for i in range(Tq):
                 s = k[b, h] @ q[b, h, i] / math.sqrt(hd)
-                ok = np.ones(len(s), bool) if allowed is None else allowed[b if allowed.shape[0] > 1 else 0, 0, i].numpy()
+                row = None if allowed is None else allowed[b if allowed.shape[0] > 1 else 0, 0, i]
+                ok = np.ones(len(s), bool) if row is None else row.numpy()
                 w = np.where(ok, np.exp(s - s[ok].max()), 0.0) if ok.any() else np.ones(len(s))
                 out[b, h, i] = (w / w.sum()) @ v[b, h]
     return torch.from_numpy(out)

@@ -22,8 +22,9 @@ ALLOWED = {
     "training": {"data", "inference", "model"},
     "evaluation": {"data", "inference", "model"},
 }
-ROS_MODULES = ("rclpy", "rosidl", "sensor_msgs", "std_msgs", "geometry_msgs", "nav_msgs", "builtin_interfaces",
-               "diagnostic_msgs", "lifecycle_msgs", "tf2_ros", "bitmar_ros", "bitmar_browser", "rosbags")
+ROS_MODULES = ("rclpy", "rosidl_runtime_py", "sensor_msgs", "std_msgs", "geometry_msgs", "nav_msgs",
+               "builtin_interfaces", "diagnostic_msgs", "std_srvs", "lifecycle_msgs", "rcl_interfaces", "tf2_ros",
+               "launch", "launch_ros", "bitmar_ros", "bitmar_browser", "rosbags")
 
 
 def packages() -> set[str]:
@@ -134,7 +135,8 @@ def _resolves(dotted: str) -> bool:
             if k == len(parts):
                 return True
             name = parts[k]
-            return bool(re.search(rf"^\s*(class|def) {name}\b|^{name}\s*[:=]|import[^\n]*\b{name}\b", src.read_text(), re.M))
+            defined = rf"^\s*(class|def) {name}\b|^{name}\s*[:=]|import[^\n]*\b{name}\b"
+            return bool(re.search(defined, src.read_text(), re.M))
     return False
 
 
@@ -142,7 +144,8 @@ def test_every_module_path_and_name_the_docs_give_exists():
     missing = []
     for doc in _doc_files():
         text = doc.read_text()
-        for path in set(re.findall(r"\b((?:bitmar_core|bitmar_ros|bitmar_browser|bench|tests|scripts)/[\w/]+\.\w+)", text)):
+        paths = re.findall(r"\b((?:bitmar_core|bitmar_ros|bitmar_browser|bench|tests|scripts)/[\w/]+\.\w+)", text)
+        for path in set(paths):
             if not (REPO / path).exists():
                 missing.append(f"{doc.relative_to(REPO)}: {path}")
         for dotted in set(re.findall(r"\bbitmar_core(?:\.\w+)+", text)):
