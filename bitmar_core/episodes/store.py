@@ -57,14 +57,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from .pose import Pose, PoseError
-from .store_api import (_F32_LE, MAX_CAPTION_BYTES, MAX_EMBEDDING_DIM, MAX_IDENTITY_BYTES, MAX_SOURCE_CHARS,
-                        MAX_STAMP_NS, MAX_THUMBNAIL_BYTES, _POSE_SELECT, SCHEMA_VERSION, _SOURCE_RE, Episode, Hit,
-                        NewEpisode, RetentionPolicy, RetentionReport, SpatialFilter, StoreClosedError,
-                        StoreCorruptError, StoreError, StoreInputError, StoreMismatchError, StoreNotFoundError,
-                        StoreVersionError, StoreWriteError, _check_embedding_array, _check_k, check_new_episode,
-                        _check_stamp, _check_synonyms, _check_text, _check_thumbnail, _check_window, _decode_state,
-                        _encode_state, _episode_by_id, fuse_rankings, fusion_depth, _is_int, _normalise,
-                        _pose_from_columns, _pose_row, _query_words, _state_row_problem)
+from .store_api import (_F32_LE, MAX_EMBEDDING_DIM, MAX_IDENTITY_BYTES, MAX_STAMP_NS, MAX_THUMBNAIL_BYTES,
+                        _POSE_SELECT, SCHEMA_VERSION, Episode, Hit, NewEpisode, RetentionPolicy, RetentionReport,
+                        SpatialFilter, StoreClosedError, StoreCorruptError, StoreError, StoreInputError,
+                        StoreMismatchError, StoreNotFoundError, StoreVersionError, StoreWriteError,
+                        _check_embedding_array, check_episode, _check_k, check_new_episode, _check_search,
+                        _check_synonyms, _check_text, _check_window, _decode_state, _encode_state, _episode_by_id,
+                        fuse_rankings, fusion_depth, _is_int, _normalise, _pose_from_columns, _query_words,
+                        _state_row_problem)
 
 MIGRATABLE_VERSIONS = ("1", "2")  # older schemas that open() upgrades in place
 DB_FILENAME = "episodes.sqlite3"
@@ -491,15 +491,8 @@ class EpisodeStore:
         Returns the new episode id. Raises ``StoreInputError`` for bad arguments and
         ``StoreWriteError`` if the write fails (then nothing of this call is stored).
         """
-        _check_stamp("stamp_ns", stamp_ns)
-        _check_text("caption", caption, MAX_CAPTION_BYTES, allow_empty=True)
-        if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(source):
-            raise StoreInputError(
-                f"source: expected a lowercase identifier of ≤ {MAX_SOURCE_CHARS} chars such as "
-                f"'caption' or 'description', got {source!r}")
-        emb, unit = self._check_embedding("embedding", embedding)
-        thumb = _check_thumbnail(thumbnail_jpeg)
-        pose_row = _pose_row(pose)
+        emb, unit, thumb, pose_row = check_episode("", stamp_ns, caption, source, embedding, thumbnail_jpeg, pose,
+                                                    self._check_embedding)
         state_rows = _encode_state(memory_state) if memory_state is not None else None
 
         with self._lock:
@@ -906,15 +899,7 @@ class EpisodeStore:
         embedding, that no caption shares a word with the text. ``robot_scope`` is the fleet
         stores' (``store_pg``); a SQLite store holds one robot, so every scope searches it.
         """
-        if text is not None and not isinstance(text, str):
-            raise StoreInputError(f"text: expected a str or None, got {type(text).__name__}")
-        q = self._check_embedding("embedding", embedding)[1] if embedding is not None else None
-        if q is None and not (text or "").strip():
-            raise StoreInputError("search: expected text, an embedding, or both")
-        _check_k(k)
-        _check_window(start_ns, end_ns)
-        if near is not None and not isinstance(near, SpatialFilter):
-            raise StoreInputError(f"near: expected a SpatialFilter or None, got {type(near).__name__}")
+        q = _check_search(text, embedding, k, start_ns, end_ns, near, self._check_embedding)
         depth = fusion_depth(k)
         with self._lock:
             lexical, every = self._lexical(text, depth, start_ns, end_ns, near) if text else ([], 0)

@@ -121,18 +121,26 @@ class NewEpisode:
     pose: Pose | None = None
 
 
-def check_new_episode(n: int, e: "NewEpisode", check_embedding) -> tuple:
-    """Validate episodes[n] of a bulk add (both stores) → (e, embedding, unit, thumbnail, pose row);
+def check_episode(where: str, stamp_ns, caption, source, embedding, thumbnail_jpeg, pose,
+                  check_embedding) -> tuple:
+    """Validate one episode's fields (both stores, one or many at a time) → (embedding, unit,
+    thumbnail, pose row). ``where`` prefixes each field's name in an error ("" or "episodes[3].");
     check_embedding(name, value) → (embedding, unit) is the store's own dimension check."""
+    _check_stamp(f"{where}stamp_ns", stamp_ns)
+    _check_text(f"{where}caption", caption, MAX_CAPTION_BYTES, allow_empty=True)
+    if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(source):
+        raise StoreInputError(f"{where}source: expected a lowercase identifier of ≤ {MAX_SOURCE_CHARS} chars "
+                              f"such as 'caption' or 'description', got {source!r}")
+    emb, unit = check_embedding(f"{where}embedding", embedding)
+    return emb, unit, _check_thumbnail(thumbnail_jpeg), _pose_row(pose)
+
+
+def check_new_episode(n: int, e: "NewEpisode", check_embedding) -> tuple:
+    """Validate episodes[n] of a bulk add → (e, embedding, unit, thumbnail, pose row)."""
     if not isinstance(e, NewEpisode):
         raise StoreInputError(f"episodes[{n}]: expected a NewEpisode, got {type(e).__name__}")
-    _check_stamp(f"episodes[{n}].stamp_ns", e.stamp_ns)
-    _check_text(f"episodes[{n}].caption", e.caption, MAX_CAPTION_BYTES, allow_empty=True)
-    if not isinstance(e.source, str) or len(e.source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(e.source):
-        raise StoreInputError(f"episodes[{n}].source: expected a lowercase identifier of ≤ {MAX_SOURCE_CHARS} "
-                              f"chars such as 'caption', got {e.source!r}")
-    emb, unit = check_embedding(f"episodes[{n}].embedding", e.embedding)
-    return e, emb, unit, _check_thumbnail(e.thumbnail_jpeg), _pose_row(e.pose)
+    return (e, *check_episode(f"episodes[{n}].", e.stamp_ns, e.caption, e.source, e.embedding, e.thumbnail_jpeg,
+                              e.pose, check_embedding))
 
 
 @dataclass(frozen=True)
@@ -375,6 +383,20 @@ def fuse_rankings(lexical: Sequence[tuple[int, float]], every: int, embedding_id
                         -np.array([int(i) in every_word for i in ids], np.int8)))[:k]
     return [FusedRank(int(ids[j]), fused[int(ids[j])], lex_score.get(int(ids[j]), 0.0), lex_rank.get(int(ids[j]), 0),
                       float(cosine[j]), emb_rank.get(int(ids[j]), 0)) for j in order]
+
+
+def _check_search(text, embedding, k, start_ns, end_ns, near, check_embedding) -> np.ndarray | None:
+    """The arguments of ``search`` (both stores) checked → the unit query embedding, or None."""
+    if text is not None and not isinstance(text, str):
+        raise StoreInputError(f"text: expected a str or None, got {type(text).__name__}")
+    q = check_embedding("embedding", embedding)[1] if embedding is not None else None
+    if q is None and not (text or "").strip():
+        raise StoreInputError("search: expected text, an embedding, or both")
+    _check_k(k)
+    _check_window(start_ns, end_ns)
+    if near is not None and not isinstance(near, SpatialFilter):
+        raise StoreInputError(f"near: expected a SpatialFilter or None, got {type(near).__name__}")
+    return q
 
 
 def _check_k(k) -> None:

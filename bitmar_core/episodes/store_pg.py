@@ -36,14 +36,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .pose import Pose
-from .store_api import (_F32_LE, MAX_CAPTION_BYTES, MAX_EMBEDDING_DIM, MAX_IDENTITY_BYTES, MAX_SOURCE_CHARS,
-                        MAX_STAMP_NS, MAX_THUMBNAIL_BYTES, _POSE_SELECT, SCHEMA_VERSION, _SOURCE_RE, Episode, Hit,
-                        RetentionPolicy, RetentionReport, SpatialFilter, StoreClosedError, StoreCorruptError,
-                        StoreError, StoreInputError, StoreMismatchError, StoreNotFoundError, StoreVersionError,
-                        StoreWriteError, _check_embedding_array, _check_k, _check_stamp, _check_synonyms, _check_text,
-                        _check_thumbnail, _check_window, _decode_state, _encode_state, _episode_by_id, fuse_rankings,
-                        fusion_depth, _is_int, _normalise, _pose_from_columns, _pose_row, _query_words,
-                        _state_row_problem)
+from .store_api import (_F32_LE, MAX_EMBEDDING_DIM, MAX_IDENTITY_BYTES, MAX_STAMP_NS, MAX_THUMBNAIL_BYTES,
+                        _POSE_SELECT, SCHEMA_VERSION, Episode, Hit, RetentionPolicy, RetentionReport, SpatialFilter,
+                        StoreClosedError, StoreCorruptError, StoreError, StoreInputError, StoreMismatchError,
+                        StoreNotFoundError, StoreVersionError, StoreWriteError, _check_embedding_array, check_episode,
+                        _check_k, check_new_episode, _check_search, _check_synonyms, _check_text, _check_window,
+                        _decode_state, _encode_state, _episode_by_id, fuse_rankings, fusion_depth, _is_int,
+                        _normalise, _pose_from_columns, _query_words, _state_row_problem)
 
 FLEET = "*"                      # robot_scope: every robot's episodes
 MAX_ROBOT_ID_CHARS = 256
@@ -297,17 +296,11 @@ class PgEpisodeStore:
         each. Past ``buffer_max_episodes`` or ``buffer_max_bytes`` the oldest buffered episode is
         dropped and counted (``dropped_episodes``). A buffered episode is not acknowledged: only a
         returned id or an ``on_commit`` call is."""
-        _check_stamp("stamp_ns", stamp_ns)
-        _check_text("caption", caption, MAX_CAPTION_BYTES, allow_empty=True)
-        if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS or not _SOURCE_RE.match(source):
-            raise StoreInputError(
-                f"source: expected a lowercase identifier of ≤ {MAX_SOURCE_CHARS} chars such as "
-                f"'caption' or 'description', got {source!r}")
-        emb, unit = _check_embedding_array("embedding", embedding, self.embedding_dim)
-        thumb = _check_thumbnail(thumbnail_jpeg)
+        emb, unit, thumb, pose_row = check_episode("", stamp_ns, caption, source, embedding, thumbnail_jpeg, pose,
+                                                    self._check_embedding)
         state_rows = _encode_state(memory_state) if memory_state is not None else None
         item = _Pending(int(stamp_ns), caption, source, emb, unit, thumb,
-                        len(caption.encode()) + len(thumb) + 2 * emb.nbytes + 64, token, _pose_row(pose))
+                        len(caption.encode()) + len(thumb) + 2 * emb.nbytes + 64, token, pose_row)
         with self._lock:
             if self._closed:
                 raise StoreClosedError(f"episode store {self.where} is closed")
@@ -322,11 +315,9 @@ class PgEpisodeStore:
     def add_episodes(self, episodes, memory_state: dict[str, np.ndarray] | None = None) -> list[int]:
         """Store many episodes of this robot (``store_api.NewEpisode``) and a memory state in one
         transaction: all or none; never buffered (an unreachable database raises)."""
-        from .store_api import check_new_episode
         items = []
         for n, episode in enumerate(episodes):
-            e, emb, unit, thumb, pose_row = check_new_episode(
-                n, episode, lambda name, value: _check_embedding_array(name, value, self.embedding_dim))
+            e, emb, unit, thumb, pose_row = check_new_episode(n, episode, self._check_embedding)
             items.append(_Pending(int(e.stamp_ns), e.caption, e.source, emb, unit, thumb, 0, None, pose_row))
         state_rows = _encode_state(memory_state) if memory_state is not None else None
         with self._lock:
@@ -612,6 +603,9 @@ class PgEpisodeStore:
             raise StoreCorruptError(f"{self.where}: episode {episode_id} has an unreadable pose: {e}") from None
         return Episode(int(episode_id), int(stamp_ns), caption, source, emb, bytes(thumb), robot, where)
 
+    def _check_embedding(self, name: str, embedding) -> tuple[np.ndarray, np.ndarray]:
+        return _check_embedding_array(name, embedding, self.embedding_dim)
+
     def _fetch(self, ids: list[int]) -> dict[int, Episode]:
         if not ids:
             return {}
@@ -685,7 +679,7 @@ class PgEpisodeStore:
     def query(self, embedding: np.ndarray, k: int, start_ns: int | None = None, end_ns: int | None = None,
               robot_scope: str | None = None, exact: bool | None = None) -> list[tuple[Episode, float]]:
         """The k episodes most cosine-similar to ``embedding`` in window and scope, best first."""
-        _, q = _check_embedding_array("embedding", embedding, self.embedding_dim)
+        _, q = self._check_embedding("embedding", embedding)
         _check_k(k)
         _check_window(start_ns, end_ns)
         ranked = self._embedding_ranking(q, int(k), start_ns, end_ns, robot_scope, exact)
@@ -755,17 +749,9 @@ class PgEpisodeStore:
                exact: bool | None = None, near: SpatialFilter | None = None) -> list[Hit]:
         """Hybrid retrieval, fused as ``EpisodeStore.search`` (``fuse_rankings``): full-text (ts_rank)
         and pgvector cosine, each cut at ``fusion_depth(k)``, within window, scope and ``near``."""
-        if text is not None and not isinstance(text, str):
-            raise StoreInputError(f"text: expected a str or None, got {type(text).__name__}")
-        q = _check_embedding_array("embedding", embedding, self.embedding_dim)[1] if embedding is not None else None
-        if q is None and not (text or "").strip():
-            raise StoreInputError("search: expected text, an embedding, or both")
-        _check_k(k)
-        _check_window(start_ns, end_ns)
+        q = _check_search(text, embedding, k, start_ns, end_ns, near, self._check_embedding)
         self._scope(robot_scope)
         depth = fusion_depth(k)
-        if near is not None and not isinstance(near, SpatialFilter):
-            raise StoreInputError(f"near: expected a SpatialFilter or None, got {type(near).__name__}")
         lexical, every = self._lexical(text, depth, start_ns, end_ns, robot_scope, near) if text else ([], 0)
         emb = self._embedding_ranking(q, depth, start_ns, end_ns, robot_scope, exact, near) if q is not None else []
 
