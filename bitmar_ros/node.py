@@ -111,7 +111,7 @@ from bitmar_core.episodes.store_api import EpisodeStoreAPI, RetentionPolicy, Spa
 from bitmar_ros import params as P
 from bitmar_ros.image_conversion import ImageConversionError, compressed_to_rgb8, image_to_rgb8
 from bitmar_ros.msg import Description, Episode
-from bitmar_ros.pairing import CaptionQueue, RecentFrames
+from bitmar_ros.pairing import CameraLag, CaptionQueue, RecentFrames
 from bitmar_ros.srv import Forget, QueryMemory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,10 @@ MAX_PENDING_QUERIES = 8  # queries waiting for the query thread; more are answer
 RECENT_FRAMES = 32
 RECENT_DENSE_NS = 500_000_000
 RECENT_SPARSE_GAP_NS = 200_000_000
-CAMERA_LAG_ALLOWANCE_NS = 500_000_000  # how late a camera callback may hand over a frame a caption waits for
+# How long past its horizon a caption waits for a camera callback to hand over a nearer frame:
+# twice the worst recent callback lag, at least the floor, at most the cap (pairing.CameraLag).
+CAMERA_LAG_FLOOR_NS = 500_000_000
+CAMERA_LAG_CAP_NS = 5_000_000_000
 DRAIN_MARGIN_S = 30.0  # deactivate waits pair_tolerance_s + this for accepted captions to be committed
 
 
@@ -361,6 +364,7 @@ class BitMarNode(LifecycleNode):
         self._lat_episode = _Percentiles()
         self._lat_caption = _Percentiles()
         self._lat_camera_cb = _Percentiles()  # reception → callback: how far the executor lags
+        self._camera_lag = CameraLag(CAMERA_LAG_FLOOR_NS, CAMERA_LAG_CAP_NS)  # the same, for pairing
         self._lat_text_cb = _Percentiles()
         self._rejections: set[str] = set()
         self._rejections_bytes = 0
@@ -671,7 +675,8 @@ class BitMarNode(LifecycleNode):
         return True
 
     def _accept_frame(self, msg, recv_ns: int, convert) -> None:
-        self._lat_camera_cb.add((time.time_ns() - recv_ns) / 1e9)
+        lag_ns = time.time_ns() - recv_ns
+        self._lat_camera_cb.add(lag_ns / 1e9)
         if self._inactive("frames"):
             return
         try:
@@ -701,6 +706,7 @@ class BitMarNode(LifecycleNode):
             self._latest = Frame(self._frame_seq, stamp_ns, recv_ns, msg.header, small, thumb)
             self._recent.add(self._latest)
             self._texts.on_frame(self._latest)
+            self._camera_lag.add(lag_ns)
             self._counters["frames_received"] += 1
             self._lock.notify_all()
 
@@ -877,7 +883,7 @@ class BitMarNode(LifecycleNode):
         """Pick the next piece of work (called with the lock held). Captions come first: they are
         what the store must never lose; descriptions take the latest frame only."""
         tol_ns = int(self._cfg["pair_tolerance_s"] * 1e9)
-        while (ready := self._texts.pop_ready(time.time_ns(), tol_ns, CAMERA_LAG_ALLOWANCE_NS)) is not None:
+        while (ready := self._texts.pop_ready(time.time_ns(), tol_ns, self._camera_lag.allowance_ns())) is not None:
             caption, frame = ready
             if frame is not None:
                 return lambda: self._store_episode(caption.text, frame, "caption", received_ns=caption.t_ns)

@@ -17,6 +17,11 @@ frames: every frame of the newest ``dense_ns``, older ones thinned to at least `
 apart. A late caption then still finds a frame within ``sparse_gap_ns / 2`` of its arrival, instead
 of being refused for want of a frame that had merely been pushed out of a short ring.
 
+A caption without an 'after' frame waits for one only so long (``pop_ready``'s ``lag_ns``): past
+that the camera is taken to have stopped. How late a camera callback runs is measured, not assumed
+(``CameraLag``): on a loaded machine the executor hands frames over later, and the wait grows with it,
+up to a cap, so a stalled executor is not mistaken for a stalled camera.
+
 ROS-free and clock-free (times are passed in), so the rule is unit-tested directly.
 """
 from __future__ import annotations
@@ -88,6 +93,27 @@ class CaptionQueue(Generic[F]):
         self._q.popleft()
         cands = [f for f in (c.before, c.after) if f is not None and abs(f.recv_ns - c.t_ns) <= tol_ns]
         return c, min(cands, key=lambda f: abs(f.recv_ns - c.t_ns), default=None)
+
+
+class CameraLag:
+    """How late camera callbacks hand frames over (callback time − reception time), over the last
+    ``window`` frames; ``allowance_ns`` is how long a caption waits past its horizon for a frame:
+    ``factor`` × the worst recent lag, at least ``floor_ns`` and at most ``cap_ns``."""
+
+    def __init__(self, floor_ns: int, cap_ns: int, window: int = 64, factor: float = 2.0) -> None:
+        if not 0 <= floor_ns <= cap_ns:
+            raise ValueError(f"need 0 <= floor_ns <= cap_ns, got floor_ns={floor_ns} cap_ns={cap_ns}")
+        if window < 1 or factor < 1:
+            raise ValueError(f"need window >= 1 and factor >= 1, got window={window} factor={factor}")
+        self.floor_ns, self.cap_ns, self.factor = floor_ns, cap_ns, factor
+        self._lags: collections.deque[int] = collections.deque(maxlen=window)
+
+    def add(self, lag_ns: int) -> None:
+        self._lags.append(max(0, lag_ns))
+
+    def allowance_ns(self) -> int:
+        worst = max(self._lags, default=0)
+        return int(min(self.cap_ns, max(self.floor_ns, self.factor * worst)))
 
 
 class RecentFrames(Generic[F]):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitmar_ros.pairing import CaptionQueue
+from bitmar_ros.pairing import CameraLag, CaptionQueue
 
 
 @dataclass(frozen=True)
@@ -110,3 +110,47 @@ def test_callbacks_out_of_order_still_pair_by_reception_time():
     q.on_frame(F(130, 3))
     caption, frame = q.pop_ready(100, tol_ns=50, lag_ns=0)
     assert frame == F(99, 1) and (caption.before, caption.after) == (F(99, 1), F(104, 2))
+
+
+def test_camera_lag_allowance_is_twice_the_worst_recent_lag_between_floor_and_cap():
+    lag = CameraLag(floor_ns=500, cap_ns=5_000, window=3)
+    assert lag.allowance_ns() == 500  # nothing seen yet: the floor
+    lag.add(100)
+    assert lag.allowance_ns() == 500  # 2 × 100 is under the floor
+    lag.add(1_200)
+    assert lag.allowance_ns() == 2_400
+    lag.add(-50)  # a reception stamp from a clock step ahead: no negative lag
+    assert lag.allowance_ns() == 2_400
+    lag.add(3_000)
+    assert lag.allowance_ns() == 5_000  # 6,000 capped
+    for _ in range(3):  # the window forgets the burst
+        lag.add(200)
+    assert lag.allowance_ns() == 500
+    with pytest.raises(ValueError, match="floor_ns <= cap_ns"):
+        CameraLag(floor_ns=10, cap_ns=5)
+    with pytest.raises(ValueError, match="window >= 1"):
+        CameraLag(floor_ns=0, cap_ns=5, window=0)
+
+
+def test_a_loaded_executor_widens_the_wait_so_a_late_frame_still_pairs():
+    """Frames handed over 1.5 s after reception (a loaded executor): a caption received at 10 s
+    whose nearest frame (10.3 s) is handed over at 11.8 s. The fixed 0.5 s allowance gives up at
+    11.5 s and rejects it; the measured lag keeps it waiting, and it pairs with that frame."""
+    ms = 1_000_000
+    tol, floor = 1000 * ms, 500 * ms
+    for adaptive in (False, True):
+        lag = CameraLag(floor_ns=floor, cap_ns=5000 * ms)
+        q: CaptionQueue[F] = CaptionQueue(maxlen=4)
+        lag.add(1500 * ms)  # the last frame handed over showed how far behind the executor runs
+        q.add("late", 10_000 * ms, [F(8_000 * ms, 0)])  # only a frame 2 s before is handed over yet
+        allowance = lag.allowance_ns() if adaptive else floor
+        assert q.pop_ready(11_400 * ms, tol, allowance) is None  # within the floor: both wait
+        popped = q.pop_ready(11_600 * ms, tol, allowance)
+        if not adaptive:
+            caption, frame = popped
+            assert caption.text == "late" and frame is None  # rejected: its frame was still coming
+            continue
+        assert popped is None and allowance == 3000 * ms
+        q.on_frame(F(10_300 * ms, 1))  # handed over at 11.8 s
+        caption, frame = q.pop_ready(11_800 * ms, tol, allowance)
+        assert caption.text == "late" and frame == F(10_300 * ms, 1)

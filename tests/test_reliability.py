@@ -163,7 +163,8 @@ class Publisher(ChildProcess):
     def __init__(self, prefix: str, **opts) -> None:
         args = [sys.executable, str(PUBLISHER), "--prefix", prefix]
         for k, v in opts.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
+            flag = f"--{k.replace('_', '-')}"
+            args += ([flag] if v else []) if isinstance(v, bool) else [flag, str(v)]
         self.prefix = prefix
         super().__init__(args)
 
@@ -181,6 +182,14 @@ class Publisher(ChildProcess):
             return "ready" in self.lines
         wait_for(ready, timeout_s, what=f"publisher {self.prefix} to see the node",
                  spin=h.spin if h is not None else None)
+
+    def start_captions(self, h: Harness, frames_before: float, timeout_s: float = 60) -> None:
+        """For a publisher started with ``text_on_signal=True``: once the node's diagnostics count
+        frames beyond ``frames_before`` (the node has matched this camera, not only the camera the
+        node), start the captions. Until then a caption would have no frame to pair with."""
+        h.wait(lambda: stat(h, "frames_received") > frames_before, timeout_s,
+               f"the node to receive frames from publisher {self.prefix}")
+        self.proc.send_signal(signal.SIGUSR1)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -239,8 +248,10 @@ def test_sustained_camera_and_caption_load(profile, checkpoint, tmp_path):
     pub = None
     try:
         h.wait_connected(node)
-        pub = Publisher("load", duration_s=profile.load_s, image_hz=30, text_hz=5, width=640, height=480)
+        pub = Publisher("load", duration_s=profile.load_s, image_hz=30, text_hz=5, width=640, height=480,
+                        text_on_signal=True)
         pub.wait_ready(h)
+        pub.start_captions(h, frames_before=0)
         t0 = time.monotonic()
         rss: list[tuple[float, float]] = []
         latencies: list[float] = []
@@ -447,13 +458,14 @@ def test_publisher_that_vanishes_and_comes_back(checkpoint, tmp_path):
         assert a.finish(signal.SIGKILL) == -signal.SIGKILL
         h.wait(lambda: stat(h, "frames_received") > 0, 30, "diagnostics")
         frames_before = stat(h, "frames_received")
-        b = Publisher("vanish-b", image_hz=30, text_hz=5, width=640, height=480, duration_s=6)
+        b = Publisher("vanish-b", image_hz=30, text_hz=5, width=640, height=480, duration_s=6,
+                      text_on_signal=True)
         b.wait_ready(h)
+        b.start_captions(h, frames_before)  # the node has found the new camera: b's captions can pair
         assert b.finish() == 0
         captions_b = b.captions()
         assert captions_b
         _wait_acked(h, node, captions_b)
-        h.wait(lambda: stat(h, "frames_received") > frames_before, 30, "frames from the second publisher")
         assert node.alive()
         assert node.stop() == 0
         stored = list(acks(node).values())

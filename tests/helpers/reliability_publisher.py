@@ -4,11 +4,20 @@ Publishes sensor_msgs/Image (rgb8, WIDTHxHEIGHT) on ``image`` at --image-hz and 
 captions on ``text`` at --text-hz, each caption a unique string ``<prefix> <n> ...``. It starts once
 both topics have a subscriber (prints ``ready``), prints ``caption <n> <text>`` (flushed) after
 publishing each caption, so the test knows exactly what was sent even if this process is killed,
-and at the end (--duration-s elapsed, or SIGINT/SIGTERM) waits until the captions are acknowledged
-and prints ``done frames=<n> captions=<m>``. Frames are synthetic (numpy only: starts in < 1 s).
+and at the end (--duration-s of captions elapsed, or SIGINT/SIGTERM) waits until the captions are
+acknowledged and prints ``done frames=<n> captions=<m>``. Frames are synthetic (numpy only: starts in
+< 1 s).
+
+"Ready" means this process has matched the node's subscriptions, not that the node has matched this
+process's publishers: DDS discovery is two-sided, and on a loaded machine the node's image reader
+was seen to match the new camera writer over a second after its text reader had matched the caption
+writer. Captions sent meanwhile have no frame in the node to pair with, and the node rightly rejects
+them (text_unpaired). A test that needs every caption stored passes --text-on-signal: frames flow
+from the start, captions only after SIGUSR1, which the test sends once the node counts this
+process's frames (tests/test_reliability.py, Publisher.start_captions).
 
 Usage: reliability_publisher.py --prefix P [--image-hz 30] [--text-hz 5] [--width 640]
-       [--height 480] [--duration-s 0 (= until signalled)] [--text-after-frames 3]
+       [--height 480] [--duration-s 0 (= until signalled)] [--text-after-frames 3 | --text-on-signal]
 """
 from __future__ import annotations
 
@@ -61,15 +70,20 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--duration-s", type=float, default=0.0)
     ap.add_argument("--text-after-frames", type=int, default=3)
+    ap.add_argument("--text-on-signal", action="store_true", help="start captions at SIGUSR1, not after frames")
     args = ap.parse_args()
 
-    stop = {"now": False}
+    stop = {"now": False, "go": False}
 
     def on_signal(signum, frame):  # finish the current loop, then wait for acks and exit
         stop["now"] = True
 
+    def on_go(signum, frame):  # the test saw the node receive this process's frames
+        stop["go"] = True
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGUSR1, on_go)
 
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node(f"reliability_publisher_{args.prefix.replace('-', '_')}")
@@ -90,14 +104,21 @@ def main() -> None:
     msg.header.frame_id = "camera"
     image_dt = 1.0 / args.image_hz
     text_dt = 1.0 / args.text_hz if args.text_hz > 0 else float("inf")
-    t0 = time.monotonic()
-    end = t0 + args.duration_s if args.duration_s > 0 else float("inf")
-    next_image, next_text = t0, float("inf")
+    next_image, next_text, end = time.monotonic(), float("inf"), float("inf")
     n_frames = n_captions = 0
+
+    def start_captions(now: float) -> float:
+        nonlocal end
+        if args.duration_s > 0:
+            end = now + args.duration_s
+        return now + 0.05
+
     while not stop["now"]:
         now = time.monotonic()
         if now >= end:
             break
+        if args.text_on_signal and stop["go"] and next_text == float("inf"):
+            next_text = start_captions(now)
         if now >= next_image:
             msg.header.stamp = node.get_clock().now().to_msg()
             msg.data = datas[n_frames % len(datas)]
@@ -106,8 +127,8 @@ def main() -> None:
             next_image += image_dt
             if now - next_image > 1.0:  # starved of CPU: do not burst to catch up
                 next_image = now + image_dt
-            if n_frames == args.text_after_frames:
-                next_text = now + 0.05
+            if n_frames == args.text_after_frames and not args.text_on_signal:
+                next_text = start_captions(now)
         if now >= next_text:
             n_captions += 1
             text = caption(args.prefix, n_captions)
