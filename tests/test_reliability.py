@@ -185,8 +185,8 @@ class Publisher(ChildProcess):
 
     def start_captions(self, h: Harness, frames_before: float, timeout_s: float = 60) -> None:
         """For a publisher started with ``text_on_signal=True``: once the node's diagnostics count
-        frames beyond ``frames_before`` (the node has matched this camera, not only the camera the
-        node), start the captions. Until then a caption would have no frame to pair with."""
+        frames beyond ``frames_before`` (the node has matched this camera, not only this camera the
+        node's subscriptions), start the captions. Until then a caption would have no frame to pair with."""
         h.wait(lambda: stat(h, "frames_received") > frames_before, timeout_s,
                f"the node to receive frames from publisher {self.prefix}")
         self.proc.send_signal(signal.SIGUSR1)
