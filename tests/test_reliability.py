@@ -449,7 +449,13 @@ def test_publisher_that_vanishes_and_comes_back(checkpoint, tmp_path):
     """SIGKILL the camera/caption process mid-stream, start another: the node keeps processing."""
     node = h = a = b = None
     try:
-        node = NodeProcess(checkpoint, tmp_path / "store", "describe_rate_hz:=0.0", "diagnostics_rate_hz:=5.0")
+        # Right after the kill, the node was seen (twice in full CI runs, never with this test
+        # alone) to get no frame of the new camera for over a second while its captions came
+        # through: a 1 s pairing tolerance then rightly refuses those captions. This
+        # test is about surviving a vanished publisher, so it pairs within 5 s, as the fuzz test
+        # does; the load test keeps 1 s.
+        node = NodeProcess(checkpoint, tmp_path / "store", "describe_rate_hz:=0.0", "diagnostics_rate_hz:=5.0",
+                           "pair_tolerance_s:=5.0")
         h = Harness()
         h.wait_connected(node)
         a = Publisher("vanish-a", image_hz=30, text_hz=5, width=640, height=480)
